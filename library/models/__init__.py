@@ -1,0 +1,1 @@
+"""Model loading, saving and format conversion (LDM/SGM single files <-> diffusers/transformers)."""

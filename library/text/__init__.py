@@ -1,0 +1,1 @@
+"""Tokenizers, long-prompt chunked CLIP encoding, prompt weights and SDXL conditioning."""
