@@ -86,6 +86,8 @@ class ModelFamily:
 
 SD1 = ModelFamily("sd1", (SD1_TE,), False, 0.18215, 512, "fixed8", False, "sd_v1", "stable-diffusion-v1",
                   "StableDiffusionPipeline")
+SD1_V = ModelFamily("sd1-v", (SD1_TE,), True, 0.18215, 512, "fixed8", False, "sd_v1_v", "stable-diffusion-v1",
+                    "StableDiffusionPipeline")
 SD2 = ModelFamily("sd2", (SD2_TE,), False, 0.18215, 512, "head_dim64", False, "sd_v2", "stable-diffusion-v2-512",
                   "StableDiffusionPipeline")
 SD2_V = ModelFamily("sd2-v", (SD2_TE,), True, 0.18215, 768, "head_dim64", True, "sd_v2_v",
@@ -93,7 +95,7 @@ SD2_V = ModelFamily("sd2-v", (SD2_TE,), True, 0.18215, 768, "head_dim64", True, 
 SDXL = ModelFamily("sdxl", (SDXL_TE1, SDXL_TE2), False, 0.13025, 1024, "head_dim64", False, "sdxl_base_v1-0",
                    "stable-diffusion-xl-v1-base", "StableDiffusionXLPipeline")
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SD2, SD2_V, SDXL)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SD1_V, SD2, SD2_V, SDXL)}
 
 
 def family_by_name(name: str) -> ModelFamily:
@@ -147,3 +149,12 @@ def _describe_missing_unet(keys: list[str]) -> str:
                 "expected a full LDM/SGM checkpoint or a diffusers folder")
     sample = ", ".join(keys[:3])
     return f"unknown key layout (first keys: {sample}); expected a Stable Diffusion LDM/SGM checkpoint"
+
+
+def with_v_parameterization(family: ModelFamily, v_parameterization: bool) -> ModelFamily:
+    """The family record for kohya's `--v_parameterization` flag (SD2 -> SD2-v, SD1 -> kohya's `sd_v1_v`)."""
+    if family.name == "sdxl" or family.v_parameterization == v_parameterization:
+        return family
+    if family.is_sd2:
+        return sd2_family(v_parameterization)
+    return SD1_V if v_parameterization else SD1
