@@ -228,7 +228,8 @@ def _load_vae_from_prefixed(source: TensorFile, family: ModelFamily, read, path,
     ldm = _sub_dict(source, prefix, read)
     if not ldm:
         raise ModelFormatError(path, f"no VAE keys ({prefix}*) found")
-    config = convert_vae.vae_config_from_ldm(ldm, family.vae_scale_factor, path=path)
+    config = convert_vae.vae_config_from_ldm(ldm, family.vae_scale_factor, path=path,
+                                            sample_size=family.default_resolution)
     wanted = convert_vae.vae_ldm_keys(config)
     missing = sorted(wanted - set(ldm))
     if missing:
@@ -268,8 +269,7 @@ def load_vae(path: str | os.PathLike, family: ModelFamily, dtype: torch.dtype | 
         return vae
     if any(key.startswith("encoder.down_blocks.") for key in keys):
         state_dict = {key: read(key) for key in keys}
-        config = convert_vae.vae_config_from_ldm(convert_vae.vae_diffusers_to_ldm(
-            state_dict, _guess_diffusers_vae_config(state_dict)), family.vae_scale_factor, path=path)
+        config = _diffusers_vae_config(state_dict, family.vae_scale_factor, path)
         model = _build_on_meta(lambda: AutoencoderKL(**config))
         _assign(model, state_dict, path, "VAE")
         return model
@@ -277,10 +277,22 @@ def load_vae(path: str | os.PathLike, family: ModelFamily, dtype: torch.dtype | 
                                  "expected a VAE file")
 
 
-def _guess_diffusers_vae_config(state_dict: dict) -> dict:
-    levels = 1 + max(int(key.split(".")[2]) for key in state_dict if key.startswith("encoder.down_blocks."))
-    layers = 1 + max(int(key.split(".")[4]) for key in state_dict if key.startswith("encoder.down_blocks.0.resnets."))
-    return dict(block_out_channels=[0] * levels, layers_per_block=layers)
+def _diffusers_vae_config(state_dict: dict, scaling_factor: float, path: object) -> dict:
+    """AutoencoderKL kwargs from the shapes of a diffusers-named VAE state dict."""
+    try:
+        levels = 1 + max(int(key.split(".")[2]) for key in state_dict if key.startswith("encoder.down_blocks."))
+        channels = tuple(state_dict[f"encoder.down_blocks.{level}.resnets.0.conv1.weight"].shape[0]
+                         for level in range(levels))
+        layers = 1 + max(int(key.split(".")[4]) for key in state_dict
+                         if key.startswith("encoder.down_blocks.0.resnets."))
+        return dict(in_channels=state_dict["encoder.conv_in.weight"].shape[1],
+                    out_channels=state_dict["decoder.conv_out.weight"].shape[0],
+                    down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                    block_out_channels=channels, layers_per_block=layers,
+                    latent_channels=state_dict["decoder.conv_in.weight"].shape[1], norm_num_groups=32,
+                    scaling_factor=scaling_factor)
+    except (KeyError, ValueError) as error:
+        raise ModelFormatError(path, f"incomplete diffusers VAE ({error})") from None
 
 
 # --------------------------------------------------------------------------------------------- diffusers folder
