@@ -10,6 +10,7 @@ Which layer is used is data (`layer`, `final_layer_norm`), not a family branch:
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +44,13 @@ def unwrap_encoder(text_encoder) -> torch.nn.Module:
     """The transformers model inside a DistributedDataParallel / torch.compile wrapper (or the model itself)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    # torch.compile's wrapper class lives in a module that takes seconds to import; nothing can be compiled
+    # unless it was imported already.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     while True:
         if isinstance(text_encoder, DistributedDataParallel):
             text_encoder = text_encoder.module
-        elif isinstance(text_encoder, torch._dynamo.eval_frame.OptimizedModule):
+        elif eval_frame is not None and isinstance(text_encoder, eval_frame.OptimizedModule):
             text_encoder = text_encoder._orig_mod
         else:
             return text_encoder
@@ -115,10 +119,18 @@ def encode_chunks(text_encoder, input_ids: torch.Tensor, *, layer: int = -1, fin
         last = output.last_hidden_state.reshape(batch, n_chunks, CHUNK_LENGTH, -1)[:, 0]
         positions = first_eos_positions(flat_ids.reshape(batch, n_chunks, CHUNK_LENGTH)[:, 0], eos_id)
         pooled = last[torch.arange(batch, device=last.device), positions.to(last.device)]
-        projection = getattr(unwrap_encoder(text_encoder), "text_projection", None)
-        if projection is not None:
-            pooled = projection(pooled.to(projection.weight.dtype))
+        pooled = project_pooled(text_encoder, pooled)
     return TextConds(hidden_states=hidden, pooled=pooled)
+
+
+def project_pooled(text_encoder, pooled: torch.Tensor) -> torch.Tensor:
+    """Apply `text_projection` (no bias) of a CLIPTextModelWithProjection; other encoders return `pooled`."""
+    from transformers import CLIPTextModelWithProjection
+
+    model = unwrap_encoder(text_encoder)
+    if isinstance(model, CLIPTextModelWithProjection):
+        return model.text_projection(pooled.to(model.text_projection.weight.dtype))
+    return pooled
 
 
 def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor, normalize_mean: bool = False) -> torch.Tensor:

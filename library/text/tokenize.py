@@ -173,7 +173,8 @@ def chunk_count(max_token_length: int | None) -> int:
     """Number of 77-token windows for `--max_token_length` (None or 75 → 1, 150 → 2, 225 → 3)."""
     if max_token_length is None:
         return 1
-    if max_token_length not in MAX_TOKEN_LENGTHS or isinstance(max_token_length, bool):
+    if isinstance(max_token_length, bool) or not isinstance(max_token_length, int) \
+            or max_token_length not in MAX_TOKEN_LENGTHS:
         raise FlagError(f"--max_token_length must be one of {', '.join(map(str, MAX_TOKEN_LENGTHS))} "
                         f"(or left out for 75), got {max_token_length!r}")
     return max_token_length // CHUNK_CONTENT
