@@ -1,0 +1,63 @@
+"""End-to-end: make_tiny_model, convert_diffusers20_original_sd and the demo, called in-process."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from library.models.load import load_target_model
+from library.models.state_dict_io import TensorFile, read_state_dict
+from tests.conftest import ROOT
+from tools import convert_diffusers20_original_sd as convert_tool
+from tools import demo, make_tiny_model
+
+
+def test_make_tiny_model_is_seeded_and_loads(tmp_path):
+    first = make_tiny_model.main([str(tmp_path / "a.safetensors"), "--family", "sd2-v", "--seed", "3"])
+    second = make_tiny_model.main([str(tmp_path / "b.safetensors"), "--family", "sd2-v", "--seed", "3"])
+    other = make_tiny_model.main([str(tmp_path / "c.safetensors"), "--family", "sd2-v", "--seed", "4"])
+    a, b, c = (read_state_dict(path) for path in (first, second, other))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not torch.equal(a["model.diffusion_model.out.2.weight"], c["model.diffusion_model.out.2.weight"])
+    assert load_target_model(first).family.name == "sd2-v"
+
+
+@pytest.mark.parametrize("flag,dtype", [("--fp16", torch.float16), ("--bf16", torch.bfloat16), ("--float", torch.float32)])
+def test_convert_precision_flags(tmp_path, tiny_models, flag, dtype):
+    output = convert_tool.main([flag, str(tiny_models.path("sdxl", "ckpt")), str(tmp_path / "out.safetensors")])
+    tensors = read_state_dict(output)
+    assert {tensor.dtype for tensor in tensors.values() if tensor.is_floating_point()} == {dtype}
+    assert TensorFile(output).metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+
+
+def test_convert_all_formats_chain_is_exact(tmp_path, tiny_models):
+    source = tiny_models.path("sd1", "safetensors")
+    convert_tool.main([str(source), str(tmp_path / "a.ckpt")])
+    convert_tool.main([str(tmp_path / "a.ckpt"), str(tmp_path / "b"), "--use_pickle"])
+    assert (tmp_path / "b" / "unet" / "diffusion_pytorch_model.bin").exists()
+    convert_tool.main(["--v1", str(tmp_path / "b"), str(tmp_path / "c.safetensors")])
+    first, last = read_state_dict(source), read_state_dict(tmp_path / "c.safetensors")
+    assert first.keys() == last.keys() and all(torch.equal(first[key], last[key]) for key in first)
+
+
+def test_convert_overwrite_replaces_existing_output(tmp_path, tiny_models):
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"old")
+    convert_tool.main([str(tiny_models.path("sd1")), str(target), "--overwrite"])
+    assert load_target_model(target).family.name == "sd1"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.safetensors"]  # no temp files left
+
+
+def test_demo_runs_and_reports_a_bit_exact_round_trip(tmp_path, capsys):
+    demo.main(["--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "bit-identical" in out
+    assert "3 chunks of 77" in out and "UNet context           : (1, 227, 96)" in out
+
+
+@pytest.mark.parametrize("script", ["tools/make_tiny_model.py", "tools/convert_diffusers20_original_sd.py"])
+def test_help_explains_the_flags(script):
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, check=True)
+    assert "usage:" in result.stdout and "--" in result.stdout
