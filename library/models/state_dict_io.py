@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -67,29 +68,35 @@ class TensorFile:
             raise ModelFormatError(self.path, f"truncated safetensors file: {actual} bytes, the header needs {expected}")
 
     def _open_torch(self) -> None:
-        try:
-            try:
-                loaded = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                loaded = torch.load(str(self.path), map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ModelFormatError(self.path, "file not found") from None
-        except Exception as error:
-            text = str(error)
-            if "Weights only load failed" in text or "Unsupported global" in text:
-                raise ModelFormatError(self.path, "contains Python objects other than tensors; refusing to unpickle "
-                                                  "it (only plain tensor checkpoints are read)") from None
-            raise ModelFormatError(self.path, f"not a readable torch checkpoint (truncated or corrupt?): "
-                                              f"{text.splitlines()[0] if text else type(error).__name__}") from None
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols right before refusing a file; our one-line error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = self._torch_load()
         if not isinstance(loaded, dict):
             raise ModelFormatError(self.path, f"holds a {type(loaded).__name__}; expected a dict of tensors")
         state_dict = loaded.get("state_dict", loaded)
         if not isinstance(state_dict, dict):
             raise ModelFormatError(self.path, "its 'state_dict' entry is not a dict of tensors")
-        self.container = {key: value for key, value in loaded.items() if key != "state_dict" and state_dict is not loaded}
+        if state_dict is not loaded:
+            self.container = {key: value for key, value in loaded.items() if key != "state_dict"}
         self._tensors = {key: value for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
+
+    def _torch_load(self):
+        try:
+            try:
+                return torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+                return torch.load(str(self.path), map_location="cpu", weights_only=True)
+        except Exception as error:
+            text = str(error)
+            if "Weights only load failed" in text or "Unsupported global" in text:
+                raise ModelFormatError(self.path, "contains Python objects other than tensors; refusing to unpickle "
+                                                  "it (only plain tensor checkpoints are read)") from None
+            first_line = text.splitlines()[0] if text else type(error).__name__
+            raise ModelFormatError(self.path, f"not a readable torch checkpoint (truncated or corrupt?): "
+                                              f"{first_line}") from None
 
     def keys(self) -> list[str]:
         if self._safe is not None:
