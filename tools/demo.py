@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         conds = encode_sdxl(bundle.text_encoders, ids[0], ids[1])
         sizes = size_embeddings(torch.tensor([[1024, 1024]]), torch.tensor([[0, 0]]), torch.tensor([[1024, 1024]]),
                                 dim=bundle.unet.config.addition_time_embed_dim)
-    content_tokens = len(tokenizers[0].tokenize(LONG_PROMPT))
+    content_tokens = len(tokenizers[0](LONG_PROMPT, verbose=False).input_ids) - 2
     first, again = read_state_dict(single), read_state_dict(back)
     exact = first.keys() == again.keys() and all(torch.equal(first[key], again[key]) for key in first)
     print(f"built tiny SDXL        : {single}")
