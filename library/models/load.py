@@ -43,13 +43,9 @@ def load_target_model(path: str | os.PathLike, *, v2: bool | None = None, v_para
     if not path.exists():
         raise ModelFormatError(path, "not found; expected a .safetensors/.ckpt checkpoint or a diffusers folder")
     if path.is_dir():
-        bundle = load_diffusers_folder(path, v_parameterization=v_parameterization, dtype=dtype)
+        bundle = load_diffusers_folder(path, v_parameterization, dtype, v2, expected_families)
     else:
-        bundle = load_single_file(path, v_parameterization=v_parameterization, dtype=dtype, use_ema=use_ema)
-    check_v2_flag(bundle.family, v2, path)
-    if expected_families is not None and bundle.family.name not in expected_families:
-        raise ModelFormatError(path, f"is a {describe_family(bundle.family)} model; this script expects "
-                                     f"{' or '.join(describe_family_name(name) for name in expected_families)}")
+        bundle = load_single_file(path, v_parameterization, dtype, use_ema, v2, expected_families)
     if vae_path is not None:
         bundle.vae = load_vae(vae_path, bundle.family, dtype=dtype)
     logger.info("loaded %s (%s)", path, describe_family(bundle.family))
@@ -65,22 +61,28 @@ def describe_family(family: ModelFamily) -> str:
     return describe_family_name(family.name)
 
 
-def check_v2_flag(family: ModelFamily, v2: bool | None, path: object) -> None:
-    """kohya's `--v2` asserts an SD2.x model; it is an error on SD1.x and SDXL files."""
+def check_family(family: ModelFamily, v2: bool | None, expected_families: tuple[str, ...] | None,
+                 path: object) -> None:
+    """Checked before any weights are read: kohya's `--v2` asserts SD2.x; scripts name the families they support."""
     if v2 and not family.is_sd2:
         raise FlagError(f"--v2 was given but {path} is a {describe_family(family)} checkpoint; "
                         "remove --v2 (the family is detected from the file)")
+    if expected_families is not None and family.name not in expected_families:
+        raise ModelFormatError(path, f"is a {describe_family(family)} model; this script expects "
+                                     f"{' or '.join(describe_family_name(name) for name in expected_families)}")
 
 
 # --------------------------------------------------------------------------------------------- single file
 
 
 def load_single_file(path: str | os.PathLike, v_parameterization: bool = False, dtype: torch.dtype | None = None,
-                     use_ema: bool = False) -> ModelBundle:
+                     use_ema: bool = False, v2: bool | None = None,
+                     expected_families: tuple[str, ...] | None = None) -> ModelBundle:
     source = TensorFile(path)
     keys = source.keys()
     family = with_v_parameterization(detect_family_from_keys(keys, path, v_parameterization), v_parameterization)
     family = _prediction_type_from_metadata(family, source.metadata, v_parameterization)
+    check_family(family, v2, expected_families, path)
     read = _reader(source, dtype)
     consumed: set[str] = set()
 
@@ -318,13 +320,15 @@ def _diffusers_vae_config(state_dict: dict, scaling_factor: float, path: object)
 # --------------------------------------------------------------------------------------------- diffusers folder
 
 
-def load_diffusers_folder(path: Path, v_parameterization: bool = False, dtype: torch.dtype | None = None) -> ModelBundle:
+def load_diffusers_folder(path: Path, v_parameterization: bool = False, dtype: torch.dtype | None = None,
+                          v2: bool | None = None, expected_families: tuple[str, ...] | None = None) -> ModelBundle:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if not (path / "unet" / "config.json").exists():
         raise ModelFormatError(path, "is a folder without unet/config.json; expected a diffusers pipeline folder "
                                      "or a single-file checkpoint")
     family = _family_of_diffusers_folder(path, v_parameterization)
+    check_family(family, v2, expected_families, path)
     unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype)
     text_encoders = [_load_hf_text_encoder(path / spec.diffusers_subfolder, spec, dtype) for spec in family.text_encoders]
