@@ -78,6 +78,8 @@ class ModelFamily:
     model_version: str  # kohya's ss_base_model_version
     architecture: str  # modelspec.architecture
     pipeline_class: str  # diffusers pipeline class written to model_index.json
+    latent_cache_suffix: str = "sd"  # kohya's latent cache names end in _sd.npz / _sdxl.npz (COMPAT §7.2)
+    bucket_reso_multiple: int = 64  # bucket_reso_steps should be a multiple of this (kohya warns otherwise)
 
     @property
     def is_sd2(self) -> bool:
@@ -93,7 +95,8 @@ SD2 = ModelFamily("sd2", (SD2_TE,), False, 0.18215, 512, "head_dim64", False, "s
 SD2_V = ModelFamily("sd2-v", (SD2_TE,), True, 0.18215, 768, "head_dim64", True, "sd_v2_v",
                     "stable-diffusion-v2-768-v", "StableDiffusionPipeline")
 SDXL = ModelFamily("sdxl", (SDXL_TE1, SDXL_TE2), False, 0.13025, 1024, "head_dim64", False, "sdxl_base_v1-0",
-                   "stable-diffusion-xl-v1-base", "StableDiffusionXLPipeline")
+                   "stable-diffusion-xl-v1-base", "StableDiffusionXLPipeline", latent_cache_suffix="sdxl",
+                   bucket_reso_multiple=32)
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SD1_V, SD2, SD2_V, SDXL)}
 

@@ -75,6 +75,39 @@ def check_family(family: ModelFamily, v2: bool | None, expected_families: tuple[
 # --------------------------------------------------------------------------------------------- single file
 
 
+def detect_family(path: str | os.PathLike, v_parameterization: bool = False, v2: bool | None = None,
+                  expected_families: tuple[str, ...] | None = None) -> ModelFamily:
+    """The family of a checkpoint file or diffusers folder without building any model (reads keys/configs only)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFormatError(path, "model not found (--pretrained_model_name_or_path)")
+    if path.is_dir():
+        if not (path / "unet" / "config.json").exists():
+            raise ModelFormatError(path, "is a folder without unet/config.json; expected a diffusers pipeline folder "
+                                         "or a single-file checkpoint")
+        family = _family_of_diffusers_folder(path, v_parameterization)
+    else:
+        source = TensorFile(path)
+        family = with_v_parameterization(detect_family_from_keys(source.keys(), path, v_parameterization),
+                                         v_parameterization)
+        family = _prediction_type_from_metadata(family, source.metadata, v_parameterization)
+        source.close()
+    check_family(family, v2, expected_families, path)
+    return family
+
+
+def load_text_encoders(path: str | os.PathLike, family: ModelFamily, dtype: torch.dtype | None = None) -> list:
+    """Only the text encoder(s) of a checkpoint or pipeline folder (for caching their outputs)."""
+    path = Path(path)
+    if path.is_dir():
+        encoders = [_load_hf_text_encoder(path / spec.diffusers_subfolder, spec, dtype) for spec in family.text_encoders]
+    else:
+        source = TensorFile(path)
+        read = _reader(source, dtype)
+        encoders = [_load_text_encoder(source, spec, read, path)[0] for spec in family.text_encoders]
+    return [encoder.eval() for encoder in encoders]
+
+
 def load_single_file(path: str | os.PathLike, v_parameterization: bool = False, dtype: torch.dtype | None = None,
                      use_ema: bool = False, v2: bool | None = None,
                      expected_families: tuple[str, ...] | None = None) -> ModelBundle:

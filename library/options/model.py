@@ -17,9 +17,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the model predicts velocity (v) instead of noise (SD2.x 768-v and similar)")
     group.add_argument("--vae", type=str, default=None,
                        help="use this VAE instead of the checkpoint's (LDM or diffusers file, or diffusers folder)")
-    group.add_argument("--tokenizer_cache_dir", type=str, default=None,
-                       help="folder to save tokenizers to and load them from (they are built offline from the "
-                            "bundled CLIP vocabulary when missing)")
 
 
 def add_save_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,3 +35,6 @@ def add_text_encoding_arguments(parser: argparse.ArgumentParser) -> None:
                             "chunks and concatenated)")
     group.add_argument("--clip_skip", type=int, default=None,
                        help="use the output of the k-th last text-encoder layer (2 = penultimate); SD1.x only")
+    group.add_argument("--tokenizer_cache_dir", type=str, default=None,
+                       help="folder to save tokenizers to and load them from (they are built offline from the "
+                            "bundled CLIP vocabulary when missing)")

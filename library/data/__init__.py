@@ -1,0 +1,1 @@
+"""Datasets: images, captions, bucketing, caches and the datasets built from them."""
