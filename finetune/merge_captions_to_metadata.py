@@ -17,7 +17,8 @@ if __package__ in (None, ""):
 
 from library.cli import run_cli
 from library.data.captions import read_utf8_text
-from library.data.metadata import IMAGE_EXTENSIONS, list_images, load_metadata_dict, write_metadata
+from library.data.images import IMAGE_EXTENSIONS, is_image_file, list_image_files
+from library.data.metadata import load_metadata_dict, write_metadata
 from library.errors import FlagError, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def check_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     if out_json.is_dir():
         raise UserInputError(f"{out_json}: out_json is a folder; expected a .json file name "
                              "(arguments are: train_data_dir out_json)")
-    if out_json.suffix.lower() in IMAGE_EXTENSIONS:
+    if is_image_file(out_json):
         raise UserInputError(f"{out_json}: out_json looks like an image; expected a .json file name")
     return image_dir, out_json
 
@@ -80,7 +81,7 @@ def merge_side_files(args: argparse.Namespace, field: str) -> Path:
     """Read each image's side file into `metadata[key][field]` and write out_json; returns its path."""
     image_dir, out_json = check_paths(args)
     extension = args.caption_extension if args.caption_extension.startswith(".") else "." + args.caption_extension
-    images = list_images(image_dir, recursive=args.recursive)
+    images = list_image_files(image_dir, recursive=args.recursive)
     if not images:
         raise UserInputError(f"{image_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}"
                              f"{' in sub-folders too' if args.recursive else '; add --recursive for sub-folders'})")

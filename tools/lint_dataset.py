@@ -4,6 +4,7 @@ the token budget, images smaller than their bucket, duplicates, and the share ea
 Takes the training flags (`--dataset_config` or `--train_data_dir`/`--in_json`, `--resolution`, bucket flags,
 `--max_token_length`). Exit code 0 when nothing fatal was found, 2 when images or captions cannot be read.
 Training scripts run the same scan before loading any model (skip it with --skip_dataset_lint).
+With --debug_dataset the batches of the first epoch are listed too (bucket, sizes, crop, flip, caption).
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ if __package__ in (None, ""):
 from library.cli import run_cli
 from library.options.dataset import add_dataset_arguments
 from library.options.model import add_text_encoding_arguments
+from library.options.training import add_training_arguments
 
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_arguments(parser)
     add_text_encoding_arguments(parser)
+    add_training_arguments(parser)
     parser.add_argument("--sdxl", action="store_true",
                         help="count caption tokens with the SDXL tokenizers (same vocabulary as SD1; affects nothing "
                              "else)")
@@ -41,6 +44,15 @@ def main(argv: list[str] | None = None):
     report = lint_from_args(args, blueprint, family)
     print("\n".join(report.lines()))
     raise_if_fatal(report)
+    if args.debug_dataset:
+        from library.data.debug import describe_batches
+        from library.data.group import build_dataset_group
+
+        group = build_dataset_group(blueprint, seed=args.seed if args.seed is not None else 0,
+                                    latent_suffix=family.latent_cache_suffix, scanned_sizes=report.image_sizes)
+        print("\n".join(group.summary_lines()))
+        for line in describe_batches(group, epoch=1):
+            print(line)
     return report
 
 

@@ -16,15 +16,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from library.data.captions import process_caption
 from library.data.datasets import caption_options
 from library.data.group import DatasetGroup
 from library.data.images import alpha_mask_from, flip_horizontal, load_image, resize_and_crop, to_model_tensor
-from library.data.latent_cache import (CacheFingerprint, LatentCacheEntry, check_latent_cache, existing_cache_path,
-                                       latents_npz_path, legacy_npz_path, save_latent_cache, shard_for_process)
+from library.data.latent_cache import (
+    CacheFingerprint,
+    LatentCacheEntry,
+    check_latent_cache,
+    existing_cache_path,
+    latents_npz_path,
+    legacy_npz_path,
+    save_latent_cache,
+    shard_for_process,
+)
 from library.data.sources import ImageInfo
-from library.data.text_cache import (TextEncoderOutputs, caption_fingerprint, check_text_encoder_outputs,
-                                     save_text_encoder_outputs, te_outputs_npz_path)
-from library.data.captions import process_caption
+from library.data.text_cache import (
+    TextEncoderOutputs,
+    caption_fingerprint,
+    check_text_encoder_outputs,
+    save_text_encoder_outputs,
+    te_outputs_npz_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +88,18 @@ def cache_latents(group: DatasetGroup, vae, *, to_disk: bool, latent_suffix: str
     vae_id = vae_id or module_fingerprint(vae)
     dtype = next(vae.parameters()).dtype
     stats, todo = CacheStats(), []
-    for info, subset in _records(group):
+    records = _records(group)
+    mine = _own_positions(len(records), process_index, num_processes) if to_disk else set()
+    for position, (info, subset) in enumerate(records):
         need_flipped, need_alpha = bool(subset.flip_aug), bool(subset.alpha_mask)
         if not to_disk:
             todo.append((info, subset, None))
             continue
         path = _latents_path(info, latent_suffix, legacy_names)
         info.latents_npz = path
+        if position not in mine:
+            stats.skipped_other_process += 1
+            continue
         fingerprint = CacheFingerprint(vae_id=vae_id, dtype=str(dtype).replace("torch.", ""),
                                        bucket_reso=tuple(info.bucket.bucket_reso), crop="center")
         valid, reason = check_latent_cache(path, tuple(info.bucket.bucket_reso), need_flipped, need_alpha,
@@ -91,13 +109,19 @@ def cache_latents(group: DatasetGroup, vae, *, to_disk: bool, latent_suffix: str
             continue
         stats.note_invalid(reason)
         todo.append((info, subset, fingerprint))
-    if to_disk and num_processes > 1:
-        mine = shard_for_process(todo, process_index, num_processes)
-        stats.skipped_other_process = len(todo) - len(mine)
-        todo = mine
     _encode_latents(todo, vae, vae_batch_size, to_disk, seed + process_index, stats, show_progress)
     logger.info("latent cache: %s", stats.describe())
     return stats
+
+
+def _own_positions(count: int, process_index: int, num_processes: int) -> set[int]:
+    """Positions (in `_records` order) this process checks and caches: i -> process i % N (COMPAT §7.3).
+
+    The split is made over every image before any file is checked, as kohya does. Splitting only the images
+    still to do would race: the processes start at different times (only the main one lints), so one would
+    already see files the other wrote, the lists would differ, and some images would be cached by nobody.
+    """
+    return set(shard_for_process(list(range(count)), process_index, num_processes))
 
 
 def _latents_path(info: ImageInfo, latent_suffix: str, legacy_names: bool) -> Path:
@@ -170,11 +194,17 @@ def cache_text_encoder_outputs(group: DatasetGroup, caption_encoder, *, to_disk:
     for dataset in group.datasets:
         dataset.n_text_encoders = n_encoders
     stats, todo = CacheStats(), []
-    for info, subset in _records(group):
+    records = _records(group)
+    mine = _own_positions(len(records), process_index, num_processes) if to_disk else set()
+    for position, (info, subset) in enumerate(records):
+        if to_disk:
+            info.text_encoder_outputs_npz = te_outputs_npz_path(info.absolute_path)
+            if position not in mine:
+                stats.skipped_other_process += 1
+                continue
         caption = fixed_caption(info.caption, subset)
         fingerprint = caption_fingerprint(caption, identity, caption_encoder.max_token_length)
         if to_disk:
-            info.text_encoder_outputs_npz = te_outputs_npz_path(info.absolute_path)
             valid, reason = check_text_encoder_outputs(info.text_encoder_outputs_npz, fingerprint, n_encoders,
                                                        expected_length, skip_check)
             if valid:
@@ -182,10 +212,6 @@ def cache_text_encoder_outputs(group: DatasetGroup, caption_encoder, *, to_disk:
                 continue
             stats.note_invalid(reason)
         todo.append((info, caption, fingerprint))
-    if to_disk and num_processes > 1:
-        mine = shard_for_process(todo, process_index, num_processes)
-        stats.skipped_other_process = len(todo) - len(mine)
-        todo = mine
     bar = tqdm(total=len(todo), desc="caching text encoder outputs", unit="caption",
                disable=not show_progress or not todo)
     for start in range(0, len(todo), max(1, batch_size)):

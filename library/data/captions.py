@@ -50,7 +50,8 @@ class CaptionOptions:
     @property
     def rearranges_tags(self) -> bool:
         """kohya only splits the caption into tags when shuffle, tag dropout or token warmup is on (§9.5 step 4)."""
-        return bool(self.shuffle_caption or (self.token_warmup_step or 0) > 0 or (self.caption_tag_dropout_rate or 0) > 0)
+        return bool(self.shuffle_caption or (self.token_warmup_step or 0) > 0
+                    or (self.caption_tag_dropout_rate or 0) > 0)
 
     @property
     def is_deterministic(self) -> bool:

@@ -14,11 +14,24 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from library.data.buckets import (BucketAssigner, BucketSettings, crop_top_left_for_sdxl, group_into_batches,
-                                  shuffled_batches)
+from library.data.buckets import (
+    BucketAssigner,
+    BucketSettings,
+    crop_top_left_for_sdxl,
+    epoch_batches,
+    group_into_batches,
+)
 from library.data.captions import CaptionOptions, process_caption
-from library.data.images import (alpha_mask_from, color_augment, face_crop, flip_horizontal, load_image,
-                                 resize_and_crop, resize_image, to_model_tensor)
+from library.data.images import (
+    alpha_mask_from,
+    color_augment,
+    face_crop,
+    flip_horizontal,
+    load_image,
+    resize_and_crop,
+    resize_image,
+    to_model_tensor,
+)
 from library.data.latent_cache import LatentCacheEntry, load_latent_cache
 from library.data.sources import ImageInfo
 from library.data.text_cache import load_text_encoder_outputs
@@ -69,7 +82,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.assigner = BucketAssigner(bucket_settings(params))
         for info in images:
             info.bucket = self.assigner.assign(tuple(info.image_size))
-        self._base_batches = self._make_batches()
+        self._bucket_items = self._items_per_bucket()
+        self._num_batches = len(group_into_batches(self._bucket_items, params.batch_size))
         self._epoch = multiprocessing.Value("i", 1)
         self._step = multiprocessing.Value("i", 0)
         self.max_steps: int | None = None
@@ -78,12 +92,12 @@ class ImageDataset(torch.utils.data.Dataset):
         self._order: list[list[int]] = []
 
     # ---- epoch bookkeeping -------------------------------------------------------------------------------
-    def _make_batches(self) -> list[list[int]]:
-        """Image indices (one entry per repeat) grouped by bucket and cut into batches."""
+    def _items_per_bucket(self) -> dict[tuple[int, int], list[int]]:
+        """Image indices (one entry per repeat) grouped by bucket."""
         per_bucket: dict[tuple[int, int], list[int]] = {}
         for index, info in enumerate(self.images):
             per_bucket.setdefault(tuple(info.bucket.bucket_reso), []).extend([index] * info.num_repeats)
-        return group_into_batches(per_bucket, self.params.batch_size)
+        return per_bucket
 
     def set_current_epoch(self, epoch: int) -> None:
         """1-based epoch; the batch order is a function of (seed, epoch) only."""
@@ -101,12 +115,14 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def batches_for_epoch(self, epoch: int) -> list[list[int]]:
         if self._order_epoch != epoch:
-            self._order = shuffled_batches(self._base_batches, self.seed, epoch)
+            # kohya shuffles the images inside each bucket too, not only the batch order (COMPAT §10.5); without
+            # that, the repeats of one image would share a batch and every epoch would repeat the same batches
+            self._order = epoch_batches(self._bucket_items, self.params.batch_size, self.seed, epoch)
             self._order_epoch = epoch
         return self._order
 
     def __len__(self) -> int:
-        return len(self._base_batches)
+        return self._num_batches
 
     @property
     def num_train_images(self) -> int:

@@ -90,8 +90,9 @@ class DatasetGroup(torch.utils.data.ConcatDataset):
             for index, subset in enumerate(dataset.subsets):
                 infos = [info for info in dataset.images if info.subset_index == index]
                 repeats = sum(info.num_repeats for info in infos)
-                lines.append(f"  subset {index}: {subset.image_dir or subset.metadata_file}: {len(infos)} images, "
-                             f"{repeats} with repeats{' (regularization)' if subset.is_reg else ''}")
+                source = subset.image_dir or subset.metadata_file
+                reg = " (regularization)" if subset.is_reg else ""
+                lines.append(f"  subset {index}: {source}: {_plural(len(infos), 'image')}, {repeats} with repeats{reg}")
             lines.append(f"  buckets: {format_bucket_histogram(dataset.bucket_counts())}")
         total = batches_per_epoch if batches_per_epoch is not None else len(self)
         lines.append(f"total: {self.num_train_images} train images (x repeats), {self.num_reg_images} regularization, "
@@ -102,6 +103,10 @@ class DatasetGroup(torch.utils.data.ConcatDataset):
         """A DataLoader over pre-built batches (batch_size 1; the order itself is reshuffled per epoch)."""
         return torch.utils.data.DataLoader(self, batch_size=1, shuffle=shuffle, collate_fn=collate_batch,
                                            num_workers=workers, persistent_workers=persistent and workers > 0)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def build_dataset_group(blueprint: DatasetGroupBlueprint, *, seed: int, latent_suffix: str = "sd",

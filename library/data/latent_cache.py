@@ -199,7 +199,8 @@ def _stored_form(keys: set[str] | dict, bucket_reso: tuple[int, int]) -> str:
 def _find_problem(header: dict, suffix: str, bucket_reso: tuple[int, int], need_flipped: bool, need_alpha: bool,
                   reject_unwanted_alpha: bool = True) -> _Problem | None:
     """The first reason the arrays described by `header` do not fit this bucket and these options."""
-    wanted = list(REQUIRED_KEYS) + (["latents_flipped"] if need_flipped else []) + (["alpha_mask"] if need_alpha else [])
+    wanted = list(REQUIRED_KEYS) + (["latents_flipped"] if need_flipped else []) + \
+        (["alpha_mask"] if need_alpha else [])
     for key in wanted:
         if key + suffix not in header:
             return _Problem(f"missing {key}", f"has no {key + suffix!r} array")

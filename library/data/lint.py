@@ -205,7 +205,12 @@ def find_duplicates(paths: list[Path]) -> list[list[Path]]:
 
 
 def raise_if_fatal(report: LintReport) -> None:
-    """Stop the run with every corrupt image and unreadable caption listed."""
-    if report.fatal:
-        problems = report.lines()
-        raise UserInputError("the dataset has unreadable files; nothing was trained:\n" + "\n".join(problems[1:]))
+    """Stop the run with every corrupt image and unreadable caption listed (and nothing else)."""
+    if not report.fatal:
+        return
+    lines: list[str] = []
+    _section(lines, "unreadable or corrupt images",
+             [f"{path}: {reason}" for path, reason in sorted(report.corrupt_images.items())], limit=None)
+    _section(lines, "unreadable caption files",
+             [f"{path}: {reason}" for path, reason in sorted(report.caption_errors.items())], limit=None)
+    raise UserInputError("the dataset has unreadable files; nothing was trained:\n" + "\n".join(lines))

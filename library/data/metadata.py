@@ -10,12 +10,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.data.images import IMAGE_EXTENSIONS
 from library.errors import ConfigError, UserInputError
 
 logger = logging.getLogger(__name__)
 
-# kohya's IMAGE_EXTENSIONS without the optional plugins (COMPAT §9.2); matched case-insensitively
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 JSONL_SUFFIX = ".jsonl"
 _SIZE_FIELDS = ("image_size", "train_resolution")
 _TEXT_FIELDS = ("caption", "tags")
@@ -130,11 +129,10 @@ def resolve_image_path(image_dir: str | Path | None, image_key: str) -> Path | N
     base = Path(image_dir) if image_dir is not None else Path.cwd()
     if (base / key_path).is_file():
         return base / key_path
-    for extension in IMAGE_EXTENSIONS:
-        for variant in (extension, extension.upper()):
-            candidate = base / f"{image_key}{variant}"
-            if candidate.is_file():
-                return candidate
+    for extension in IMAGE_EXTENSIONS:  # both letter cases are in the list
+        candidate = base / f"{image_key}{extension}"
+        if candidate.is_file():
+            return candidate
     return None
 
 
@@ -172,10 +170,3 @@ def write_metadata(path: str | Path, entries: dict[str, dict]) -> Path:
     with atomic_output(path, overwrite=True) as temp:
         temp.write_text(text, encoding="utf-8")
     return path
-
-
-def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Image files in `folder` (and its sub-folders with `recursive`), sorted, by kohya's extension list."""
-    folder = Path(folder)
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(path for path in candidates if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())

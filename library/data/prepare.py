@@ -70,10 +70,10 @@ def lint_from_args(args: argparse.Namespace, blueprint: DatasetGroupBlueprint, f
 
 
 def dataset_group_from_args(args: argparse.Namespace, family: ModelFamily, *, validation: bool = False,
-                            blueprint: DatasetGroupBlueprint | None = None,
-                            lint: bool = True) -> DatasetGroup | None:
+                            blueprint: DatasetGroupBlueprint | None = None, lint: bool = True,
+                            supports_controlnet: bool = False) -> DatasetGroup | None:
     """Scan (lint unless --skip_dataset_lint), then build the group; fails on corrupt images before models load."""
-    blueprint = blueprint or blueprint_from_args(args, family)
+    blueprint = blueprint or blueprint_from_args(args, family, supports_controlnet=supports_controlnet)
     scanned_sizes = None
     if lint and not validation and not getattr(args, "skip_dataset_lint", False):
         report = lint_from_args(args, blueprint, family)
@@ -83,5 +83,9 @@ def dataset_group_from_args(args: argparse.Namespace, family: ModelFamily, *, va
         scanned_sizes = report.image_sizes
     seed = args.seed if getattr(args, "seed", None) is not None else 0
     workers = max(1, min(8, os.cpu_count() or 1))
-    return build_dataset_group(blueprint, seed=seed, latent_suffix=family.latent_cache_suffix,
-                               validation=validation, scan_workers=workers, scanned_sizes=scanned_sizes)
+    group = build_dataset_group(blueprint, seed=seed, latent_suffix=family.latent_cache_suffix,
+                                validation=validation, scan_workers=workers, scanned_sizes=scanned_sizes)
+    if group is not None:
+        for line in group.summary_lines():
+            logger.info("%s", line)
+    return group

@@ -9,12 +9,11 @@ import argparse
 import logging
 from pathlib import Path
 
+from library.data.images import RESIZE_INTERPOLATIONS
 from library.errors import FlagError, UserInputError
 
 logger = logging.getLogger(__name__)
 
-# kohya's names, applied by PIL (lanczos, box) or OpenCV (the rest) (COMPAT §9.2)
-RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # only used to word a hint about misplaced images
 
 

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
+from library.data.images import list_image_files
 from library.data.metadata import (
     MetadataEntry,
     assemble_caption,
-    list_images,
     load_metadata_dict,
     read_metadata,
     resolve_image_path,
@@ -132,5 +132,5 @@ def test_list_images_filters_extensions_and_recurses(tmp_path):
     (tmp_path / "deep").mkdir()
     for name in ("b.PNG", "a.jpg", "notes.txt", "deep/c.bmp"):
         (tmp_path / name).write_bytes(b"")
-    assert [path.name for path in list_images(tmp_path)] == ["a.jpg", "b.PNG"]
-    assert [path.name for path in list_images(tmp_path, recursive=True)] == ["a.jpg", "b.PNG", "c.bmp"]
+    assert [path.name for path in list_image_files(tmp_path)] == ["a.jpg", "b.PNG"]
+    assert [path.name for path in list_image_files(tmp_path, recursive=True)] == ["a.jpg", "b.PNG", "c.bmp"]
