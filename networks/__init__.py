@@ -1,0 +1,1 @@
+"""LoRA network modules loadable with --network_module (kohya layout): networks.lora and friends."""
