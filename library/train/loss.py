@@ -124,7 +124,7 @@ def apply_debiased_estimation(loss: torch.Tensor, timesteps: torch.Tensor, sched
 
 
 def mask_from_conditioning_images(conditioning_images: torch.Tensor) -> torch.Tensor:
-    """Loss mask [B, H, W] from a ControlNet conditioning image: its R channel mapped from -1..1 to 0..1 (COMPAT §14.5)."""
+    """Loss mask [B, H, W] from a ControlNet conditioning image: R channel, -1..1 mapped to 0..1 (COMPAT §14.5)."""
     return conditioning_images[:, 0] / 2 + 0.5
 
 

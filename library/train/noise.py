@@ -74,7 +74,7 @@ def snr_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 def make_noise_scheduler(v_parameterization: bool, zero_terminal_snr: bool) -> DDPMScheduler:
-    """kohya's training scheduler: DDPM, scaled_linear betas 0.00085 -> 0.012, 1000 steps, no clipping (COMPAT §14.5)."""
+    """kohya's training scheduler: DDPM, scaled_linear betas 0.00085 -> 0.012, 1000 steps, no clipping (§14.5)."""
     scheduler = DDPMScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, prediction_type="v_prediction" if v_parameterization else "epsilon",
