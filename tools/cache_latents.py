@@ -51,10 +51,13 @@ def main(argv: list[str] | None = None):
     dtype = vae_dtype(args.mixed_precision, args.no_half_vae)
     vae = load_vae(args.vae or args.pretrained_model_name_or_path, family, dtype=dtype)
     vae.to(_device()).eval().requires_grad_(False)
-    return cache_latents(group, vae, to_disk=True, latent_suffix=family.latent_cache_suffix,
-                         vae_batch_size=args.vae_batch_size, skip_check=args.skip_cache_check,
-                         process_index=process.index, num_processes=process.count,
-                         seed=args.seed if args.seed is not None else 0, show_progress=process.is_main)
+    stats = cache_latents(group, vae, to_disk=True, latent_suffix=family.latent_cache_suffix,
+                          vae_batch_size=args.vae_batch_size, skip_check=args.skip_cache_check,
+                          process_index=process.index, num_processes=process.count,
+                          seed=args.seed if args.seed is not None else 0, show_progress=process.is_main)
+    # one line per process, so a launch that silently ran N single processes (LIBRARIES.md §5) is visible
+    logger.info("process %d/%d: %s", process.index, process.count, stats.describe())
+    return stats
 
 
 def _device():

@@ -80,8 +80,12 @@ def caption_file_candidates(image_path: str | Path, caption_extension: str) -> l
     return candidates
 
 
-def read_caption_file(image_path: str | Path, caption_extension: str, enable_wildcard: bool) -> str | None:
+def read_caption_file(image_path: str | Path, caption_extension: str, enable_wildcard: bool,
+                      folder_names: set[str] | None = None) -> str | None:
     """The caption for an image from its side file, or None when there is no caption file.
+
+    folder_names: the file names in the image's folder, when the caller listed it already (one listing per
+    folder instead of one stat per image: the difference is seconds on 100k-image datasets).
 
     Without wildcards only the first line is used (stripped); with wildcards every non-empty line is kept,
     joined by "\\n", and one is picked per use (COMPAT §9.4).
@@ -90,7 +94,8 @@ def read_caption_file(image_path: str | Path, caption_extension: str, enable_wil
         CaptionFileError: the file is not UTF-8 or has no content at all.
     """
     for candidate in caption_file_candidates(image_path, caption_extension):
-        if candidate.is_file():
+        exists = candidate.name in folder_names if folder_names is not None else candidate.is_file()
+        if exists:
             return _caption_from_text(candidate, read_utf8_text(candidate), enable_wildcard)
     return None
 

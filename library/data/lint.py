@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,9 +127,10 @@ def _subset_captions(subset: SubsetParams, kind: str, report: LintReport) -> dic
                 report.missing_captions.append(path)
             result[path] = caption or None
         return result
+    folder_names = set(os.listdir(subset.image_dir)) if Path(subset.image_dir).is_dir() else None
     for path in list_image_files(subset.image_dir):
         try:
-            caption = read_caption_file(path, subset.caption_extension, subset.enable_wildcard)
+            caption = read_caption_file(path, subset.caption_extension, subset.enable_wildcard, folder_names)
         except UserInputError as error:
             report.caption_errors[path.with_suffix(subset.caption_extension)] = str(error).split(": ", 1)[-1]
             caption = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +73,13 @@ def _folder_images(subset: SubsetParams, subset_index: int) -> list[ImageInfo]:
         raise UserInputError(f"{image_dir}: image_dir not found (subset {subset_index})")
     cached = _read_metadata_cache(image_dir) if subset.cache_info else {}
     infos, without_caption = [], 0
+    folder_names = set(os.listdir(image_dir))
     for path in list_image_files(image_dir):
         key = str(path)
         if key in cached:
             caption = cached[key]["caption"]
         else:
-            caption = read_caption_file(path, subset.caption_extension, subset.enable_wildcard)
+            caption = read_caption_file(path, subset.caption_extension, subset.enable_wildcard, folder_names)
             if caption is None:
                 caption = subset.class_tokens or ""
                 without_caption += subset.class_tokens is None
