@@ -17,6 +17,7 @@ from typing import Literal
 
 import toml
 
+from library.data.captions import CaptionOptions
 from library.errors import ConfigError, FlagError, UserInputError
 from library.options.dataset import (
     RESIZE_INTERPOLATIONS,
@@ -33,24 +34,14 @@ CLI_SOURCE = "command line"
 
 
 @dataclass
-class SubsetParams:
-    """One image folder or metadata file with its caption and augmentation settings (defaults: COMPAT §9.2)."""
+class SubsetParams(CaptionOptions):
+    """One image folder or metadata file with its caption and augmentation settings (defaults: COMPAT §9.2).
+
+    The caption keys are inherited from `CaptionOptions`, so they and their defaults are declared once.
+    """
 
     image_dir: str | None = None
     num_repeats: int = 1
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
     color_aug: bool = False
     flip_aug: bool = False
     face_crop_aug_range: tuple[float, float] | None = None
