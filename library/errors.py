@@ -29,3 +29,7 @@ class ConfigError(UserInputError):
 
 class FlagError(UserInputError):
     """A command-line flag (or flag combination) that cannot work."""
+
+
+class TrainingStopped(UserInputError):
+    """Training cannot go on (a NaN/inf loss, for example); the message says why and what was kept."""

@@ -1,12 +1,15 @@
-"""The main job on the embedded default: build a tiny SDXL, convert it both ways, load it, encode a long prompt.
+"""The main job on the embedded default: build a tiny SDXL, train a LoRA on the bundled tiny dataset, sample.
 
 Run by `bash scripts/demo.sh`. Everything is local: the tiny model is built from random weights with the real
-SDXL topology, the tokenizers from the bundled CLIP vocabulary. (Later stages add LoRA training and generation.)
+SDXL topology (`tools/make_tiny_model.py`), the tokenizers from the bundled CLIP vocabulary, and the dataset is
+`examples/tiny_dataset` (8 small images with captions). Training goes through `sdxl_train_network.py` with the
+same flags a user passes to `accelerate launch`; the exact command is printed.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,58 +21,81 @@ from library.cli import run_cli
 
 logger = logging.getLogger("demo")
 
-LONG_PROMPT = ", ".join(["a watercolor painting of a lighthouse on a cliff at dawn"] * 12)
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = ROOT / "examples" / "tiny_dataset" / "images"
+PROMPTS = """# sample prompts (kohya's format: --n negative, --w/--h size, --d seed, --s steps, --l guidance)
+tkshape, a red circle on a white background --n blurry --d 1 --s 12
+tkshape, a blue square on a white background --d 2 --s 12 --l 5
+"""
 
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_output", help="where the demo writes (default: demo_output)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     parser.add_argument("--console_log_level", default=None, help="logging level (DEBUG shows tracebacks)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny model's weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny model's weights and of training")
     return parser
+
+
+def write_inputs(run_dir: Path) -> tuple[Path, Path]:
+    dataset_toml = run_dir / "dataset.toml"
+    dataset_toml.write_text(f"""[general]
+caption_extension = ".txt"
+shuffle_caption = true
+keep_tokens = 1
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = '{DATASET.as_posix()}'
+  num_repeats = 2
+""")
+    prompts = run_dir / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    return dataset_toml, prompts
+
+
+def training_argv(model: Path, dataset_toml: Path, prompts: Path, run_dir: Path, steps: int, seed: int) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(dataset_toml),
+            "--output_dir", str(run_dir / "lora"), "--output_name", "tkshape",
+            "--network_module", "networks.lora", "--network_dim", "8", "--network_alpha", "4",
+            "--network_args", "conv_dim=4", "conv_alpha=2",
+            "--learning_rate", "2e-3", "--text_encoder_lr", "5e-4", "--optimizer_type", "AdamW",
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", "0.1", "--max_train_steps", str(steps),
+            "--save_every_n_steps", str(max(1, steps // 2)), "--seed", str(seed), "--max_token_length", "225",
+            "--sample_prompts", str(prompts), "--sample_every_n_steps", str(max(1, steps // 2)),
+            "--sample_at_first", "--sample_sampler", "euler_a",
+            "--logging_dir", str(run_dir / "logs"), "--training_comment", "tools/demo.py on the tiny SDXL"]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
-    import torch
-
-    from library.families import SDXL
-    from library.models.load import load_target_model
-    from library.models.state_dict_io import read_state_dict
-    from library.text.sdxl_cond import encode_sdxl, size_embeddings
-    from library.text.tokenize import load_tokenizers, tokenize_chunks
-    from tools import convert_diffusers20_original_sd as convert_tool
+    import sdxl_train_network
     from tools import make_tiny_model
 
-    out = Path(args.output_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    single = out / f"tiny-sdxl-{stamp}.safetensors"
-    folder = out / f"tiny-sdxl-{stamp}-diffusers"
-    back = out / f"tiny-sdxl-{stamp}-roundtrip.safetensors"
-
-    make_tiny_model.main([str(single), "--family", "sdxl", "--seed", str(args.seed)])
-    convert_tool.main([str(single), str(folder)])
-    convert_tool.main([str(folder), str(back)])
-    bundle = load_target_model(back, expected_families=("sdxl",))
-
-    tokenizers = load_tokenizers(SDXL)
-    ids = [tokenize_chunks(tokenizer, [LONG_PROMPT], max_token_length=225) for tokenizer in tokenizers]
-    with torch.no_grad():
-        conds = encode_sdxl(bundle.text_encoders, ids[0], ids[1])
-        sizes = size_embeddings(torch.tensor([[1024, 1024]]), torch.tensor([[0, 0]]), torch.tensor([[1024, 1024]]),
-                                dim=bundle.unet.config.addition_time_embed_dim)
-    content_tokens = len(tokenizers[0](LONG_PROMPT, verbose=False).input_ids) - 2
-    first, again = read_state_dict(single), read_state_dict(back)
-    exact = first.keys() == again.keys() and all(torch.equal(first[key], again[key]) for key in first)
-    print(f"built tiny SDXL        : {single}")
-    print(f"converted to diffusers : {folder}")
-    print(f"converted back         : {back} (loaded as {bundle.family.name}, "
-          f"{sum(p.numel() for m in bundle.models() for p in m.parameters()) / 1e6:.1f} M parameters)")
-    print(f"round trip             : {len(first)} tensors, {'bit-identical' if exact else 'DIFFERENT'}")
-    print(f"long prompt            : {content_tokens} tokens -> {ids[0].shape[1]} chunks of 77 "
-          "(--max_token_length 225)")
-    print(f"UNet context           : {tuple(conds.hidden_states.shape)} (TE1 + TE2 penultimate layers)")
-    print(f"pooled (TE2 projection): {tuple(conds.pooled.shape)}; size conditioning: {tuple(sizes.shape)}")
+    run_dir = Path(args.output_dir).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True)
+    model = run_dir / "tiny-sdxl.safetensors"
+    make_tiny_model.main([str(model), "--family", "sdxl", "--seed", str(args.seed)])
+    dataset_toml, prompts = write_inputs(run_dir)
+    train_argv = training_argv(model, dataset_toml, prompts, run_dir, args.steps, args.seed)
+    print("training: accelerate launch sdxl_train_network.py " + shlex.join(train_argv), flush=True)
+    started = time.time()
+    trainer = sdxl_train_network.SdxlNetworkTrainer()
+    lora = trainer.train(sdxl_train_network.train_network.parse_args(sdxl_train_network.setup_parser(), train_argv))
+    losses = trainer.loss_history
+    window = max(1, len(losses) // 5)
+    samples = sorted((run_dir / "lora" / "sample").glob("*.png"))
+    print(f"\nbase model   : {model} (tiny SDXL, random weights)")
+    print(f"LoRA         : {lora}")
+    print(f"intermediate : {', '.join(p.name for p in sorted(lora.parent.glob('tkshape-step*.safetensors')))}")
+    print(f"samples      : {len(samples)} images in {run_dir / 'lora' / 'sample'}")
+    print(f"logs         : {run_dir / 'logs'} (tensorboard --logdir {run_dir / 'logs'})")
+    print(f"loss         : first {window} steps {sum(losses[:window]) / window:.4f} -> last {window} steps "
+          f"{sum(losses[-window:]) / window:.4f} over {len(losses)} steps in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

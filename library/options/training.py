@@ -26,3 +26,96 @@ def weight_dtype(mixed_precision: str | None) -> torch.dtype:
 
 def vae_dtype(mixed_precision: str | None, no_half_vae: bool) -> torch.dtype:
     return torch.float32 if no_half_vae else weight_dtype(mixed_precision)
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a training run writes, and how often (kohya's flags, COMPAT §17)."""
+    group = parser.add_argument_group("output and saving")
+    group.add_argument("--output_dir", type=str, default=None, help="folder for the trained files, samples and states")
+    group.add_argument("--output_name", type=str, default=None,
+                       help="base name of the saved files (default: 'last' for the final file, 'epoch'/'at' for "
+                            "intermediate ones, as kohya)")
+    group.add_argument("--save_every_n_epochs", type=_positive_int, default=None, help="save every N epochs")
+    group.add_argument("--save_every_n_steps", type=_positive_int, default=None, help="save every N optimizer steps")
+    group.add_argument("--save_last_n_epochs", type=_positive_int, default=None,
+                       help="keep only the files of the last N epoch saves (older ones are deleted)")
+    group.add_argument("--save_last_n_epochs_state", type=_positive_int, default=None,
+                       help="keep only the last N epoch states (default: --save_last_n_epochs)")
+    group.add_argument("--save_last_n_steps", type=_positive_int, default=None,
+                       help="keep only the step saves of the last N steps (older ones are deleted)")
+    group.add_argument("--save_last_n_steps_state", type=_positive_int, default=None,
+                       help="keep only the step states of the last N steps (default: --save_last_n_steps)")
+    group.add_argument("--save_state", action="store_true",
+                       help="with every save, also save the training state (optimizer, scheduler, RNG, data "
+                            "position) to a '-state' folder for --resume")
+    group.add_argument("--save_state_on_train_end", action="store_true",
+                       help="save the training state once at the end of training")
+    group.add_argument("--resume", type=str, default=None,
+                       help="resume from a '-state' folder: the run continues exactly where it stopped")
+    group.add_argument("--overwrite_output", action="store_true",
+                       help="allow replacing files of the same name already in --output_dir (default: refuse)")
+
+
+def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    """Length of training, precision and memory/speed switches (kohya spelling and defaults)."""
+    group = parser.add_argument_group("training loop")
+    group.add_argument("--max_train_steps", type=_positive_int, default=1600, help="optimizer steps (default 1600)")
+    group.add_argument("--max_train_epochs", type=_positive_int, default=None,
+                       help="train this many epochs (overrides --max_train_steps)")
+    group.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1,
+                       help="batches whose gradients are summed before each optimizer step (default 1)")
+    group.add_argument("--gradient_checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: much less memory, about 20%% slower")
+    group.add_argument("--full_fp16", action="store_true",
+                       help="keep the trained weights and gradients in fp16 too (needs --mixed_precision fp16)")
+    group.add_argument("--full_bf16", action="store_true",
+                       help="keep the trained weights and gradients in bf16 too (needs --mixed_precision bf16)")
+    group.add_argument("--fp8_base", action="store_true",
+                       help="store the frozen U-Net (and text encoders) in float8 and compute in the mixed precision "
+                            "dtype (needs --mixed_precision fp16/bf16)")
+    group.add_argument("--fp8_base_unet", action="store_true", help="like --fp8_base, for the U-Net only")
+    group.add_argument("--sdpa", action="store_true", help="use PyTorch scaled-dot-product attention (the default)")
+    group.add_argument("--xformers", action="store_true", help="use xformers memory-efficient attention (GPU)")
+    group.add_argument("--mem_eff_attn", action="store_true",
+                       help="kohya's memory-efficient attention; served by PyTorch SDPA here")
+    group.add_argument("--lowram", action="store_true",
+                       help="accepted for kohya compatibility: models are already read tensor by tensor, so system "
+                            "RAM never holds two copies")
+    group.add_argument("--highvram", action="store_true", help="accepted for kohya compatibility")
+    group.add_argument("--torch_compile", action="store_true", help="compile the U-Net with torch.compile")
+    group.add_argument("--dynamo_backend", type=str, default="inductor",
+                       help="torch.compile backend (default inductor)")
+    group.add_argument("--ddp_timeout", type=int, default=None,
+                       help="minutes before a distributed collective times out")
+    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="accepted for kohya compatibility")
+    group.add_argument("--ddp_static_graph", action="store_true", help="accepted for kohya compatibility")
+    group.add_argument("--max_validation_steps", type=_positive_int, default=None,
+                       help="validation batches per validation run (default: all)")
+    group.add_argument("--validate_every_n_steps", type=_positive_int, default=None,
+                       help="compute the validation loss every N steps (needs validation_split)")
+    group.add_argument("--validate_every_n_epochs", type=_positive_int, default=None,
+                       help="compute the validation loss every N epochs (default: every epoch with validation_split)")
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("logging")
+    group.add_argument("--logging_dir", type=str, default=None,
+                       help="write TensorBoard logs under this folder (one sub-folder per run)")
+    group.add_argument("--log_with", type=str, default=None, choices=(None, "tensorboard", "wandb", "all"),
+                       help="tracker: tensorboard (default when --logging_dir is given), wandb or all")
+    group.add_argument("--log_prefix", type=str, default=None, help="prefix of the run folder name under --logging_dir")
+    group.add_argument("--log_tracker_name", type=str, default=None, help="tracker project name (default: script name)")
+    group.add_argument("--log_tracker_config", type=str, default=None, help="TOML of extra tracker init arguments")
+    group.add_argument("--wandb_run_name", type=str, default=None, help="W&B run name")
+    group.add_argument("--wandb_api_key", type=str, default=None,
+                       help="W&B API key (better: `wandb login` once; the key is never written to configs)")
+    group.add_argument("--log_config", action="store_true", help="log the arguments to the tracker")
+    group.add_argument("--console_log_level", type=str, default=None,
+                       help="console logging level: DEBUG, INFO (default), WARNING")

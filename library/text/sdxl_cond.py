@@ -82,3 +82,11 @@ def encode_sdxl(text_encoders: Sequence, ids_te1: torch.Tensor, ids_te2: torch.T
         raise ValueError(f"TE1 and TE2 token windows differ: {tuple(ids_te1.shape)} vs {tuple(ids_te2.shape)}")
     hidden = torch.cat([cond1.hidden_states, cond2.hidden_states.to(cond1.hidden_states)], dim=-1)
     return TextConds(hidden_states=hidden, pooled=cond2.pooled)
+
+
+def sdxl_time_ids(original_size_hw, crop_top_left, target_size_hw) -> torch.Tensor:
+    """`[B, 6]` (original h, w, crop top, left, target h, w): what the diffusers SDXL U-Net embeds into the same
+    size embeddings as `size_embeddings` (its `add_time_proj` + `add_embedding`)."""
+    parts = [_as_pairs(original_size_hw, "original_size_hw"), _as_pairs(crop_top_left, "crop_top_left"),
+             _as_pairs(target_size_hw, "target_size_hw")]
+    return torch.cat(parts, dim=1)

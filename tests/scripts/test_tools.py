@@ -50,11 +50,18 @@ def test_convert_overwrite_replaces_existing_output(tmp_path, tiny_models):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out.safetensors"]  # no temp files left
 
 
-def test_demo_runs_and_reports_a_bit_exact_round_trip(tmp_path, capsys):
-    demo.main(["--output_dir", str(tmp_path)])
+def test_demo_trains_a_lora_samples_and_reports_where_everything_is(tmp_path, capsys):
+    demo.main(["--output_dir", str(tmp_path), "--steps", "4"])
     out = capsys.readouterr().out
-    assert "bit-identical" in out
-    assert "3 chunks of 77" in out and "UNet context           : (1, 227, 96)" in out
+    assert "training: accelerate launch sdxl_train_network.py --pretrained_model_name_or_path" in out
+    run_dir = next(tmp_path.iterdir())
+    lora = run_dir / "lora" / "tkshape.safetensors"
+    assert f"LoRA         : {lora}" in out and lora.exists()
+    samples = sorted((run_dir / "lora" / "sample").glob("*.png"))
+    assert len(samples) == 6  # 2 prompts at first, after step 2 and after step 4
+    assert f"samples      : 6 images in {run_dir / 'lora' / 'sample'}" in out
+    assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    assert "over 4 steps" in out
 
 
 @pytest.mark.parametrize("script", ["tools/make_tiny_model.py", "tools/convert_diffusers20_original_sd.py"])

@@ -1,0 +1,472 @@
+"""`NetworkTrainer`: LoRA-style network training for SD1.x/2.x; SDXL subclasses it and overrides hooks.
+
+Hook names and arguments are kohya's (COMPAT §15) so third-party subclasses keep working. `train()` runs named
+phases: prepare_run (flags, datasets, accelerator — before any model loads), load_models, prepare_conditioning
+(latent / text-encoder caches), build_trainable (network), build_optimizer (optimizer, scheduler, resume),
+loop, finish.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import FlagError, TrainingStopped
+from library.families import ModelFamily
+from library.text.encode import TextConds
+from library.train import checkpoints, network_module
+from library.train.checkpoints import OutputNames, TrainProgress
+from library.train.run_setup import TrainingSchedule
+
+logger = logging.getLogger(__name__)
+
+SD_FAMILIES = ("sd1", "sd1-v", "sd2", "sd2-v")
+
+
+@dataclass
+class TrainingRun:
+    """What the phases share: flags, family, accelerator, data, schedule and where the run is."""
+
+    args: argparse.Namespace
+    family: ModelFamily
+    accelerator: Any
+    weight_dtype: torch.dtype
+    train_group: Any
+    val_group: Any
+    schedule: TrainingSchedule | None = None
+    names: OutputNames | None = None
+    progress: TrainProgress = field(default_factory=TrainProgress)
+    sample_prompts: list = field(default_factory=list)
+
+
+@dataclass
+class LoadedModels:
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    caption_encoder: Any
+    noise_scheduler: Any
+
+
+@dataclass
+class Trainable:
+    network: Any
+    train_unet: bool
+    train_text_encoder: bool
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    group_names: list = field(default_factory=list)
+    optimizer_description: str = ""
+    metadata: dict = field(default_factory=dict)
+    modelspec: dict = field(default_factory=dict)
+    last_norm_logs: dict = field(default_factory=dict)  # --scale_weight_norms figures of the last step
+
+
+class NetworkTrainer:
+    """Trains a network module (LoRA, DyLoRA, LyCORIS, ...) on a frozen SD1.x/2.x model."""
+
+    supported_families: tuple[str, ...] = SD_FAMILIES
+
+    def __init__(self):
+        self.vae_scale_factor = 0.18215
+        self.is_sdxl = False
+        self.loss_history: list[float] = []  # loss of every optimizer step of this process
+        self.validation_history: list[float] = []
+
+    # ------------------------------------------------------------------------------------------------ hooks
+
+    def assert_extra_args(self, args: argparse.Namespace, train_dataset_group, val_dataset_group=None) -> None:
+        """Family-specific flag checks; called before models load."""
+
+    def load_target_model(self, args: argparse.Namespace, weight_dtype: torch.dtype, accelerator):
+        """(model_version, text_encoders, vae, unet) of the base model."""
+        from library.models.load import load_target_model
+
+        bundle = load_target_model(args.pretrained_model_name_or_path, v2=args.v2,
+                                   v_parameterization=args.v_parameterization, vae_path=args.vae,
+                                   expected_families=self.supported_families)
+        self.family = bundle.family
+        return bundle.family.model_version, bundle.text_encoders, bundle.vae, bundle.unet
+
+    def load_tokenizer(self, args: argparse.Namespace) -> list:
+        from library.text.tokenize import load_tokenizers
+
+        return load_tokenizers(self.family, args.tokenizer_cache_dir)
+
+    def is_text_encoder_outputs_cached(self, args: argparse.Namespace) -> bool:
+        return bool(getattr(args, "cache_text_encoder_outputs", False))
+
+    def is_train_text_encoder(self, args: argparse.Namespace) -> bool:
+        return not args.network_train_unet_only and not self.is_text_encoder_outputs_cached(args)
+
+    def cache_text_encoder_outputs_if_needed(self, args, accelerator, unet, vae, text_encoders, dataset,
+                                             weight_dtype) -> None:
+        """Encode every caption once (--cache_text_encoder_outputs) and move the encoders off the GPU."""
+        if not self.is_text_encoder_outputs_cached(args):
+            for encoder in text_encoders:
+                encoder.to(accelerator.device, dtype=weight_dtype)
+            return
+        from library.data.caching import attach_existing_caches, cache_text_encoder_outputs
+
+        for encoder in text_encoders:
+            encoder.to(accelerator.device, dtype=weight_dtype)
+        to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
+        for group in (dataset, self._run.val_group):
+            if group is None:
+                continue
+            cache_text_encoder_outputs(group, self._models.caption_encoder, to_disk=to_disk,
+                                       batch_size=args.train_batch_size, skip_check=args.skip_cache_check,
+                                       process_index=accelerator.process_index,
+                                       num_processes=accelerator.num_processes,
+                                       show_progress=accelerator.is_main_process)
+            if to_disk:
+                accelerator.wait_for_everyone()
+                attach_existing_caches(group, latent_suffix=None, text_outputs=True)
+        for encoder in text_encoders:
+            encoder.to("cpu")  # only sampling needs them now; it moves them back while it runs
+
+    def get_text_cond(self, args, accelerator, batch: dict, tokenizers, text_encoders, weight_dtype) -> TextConds:
+        """Conditioning of a batch: the cached outputs, or the encoders run on the captions."""
+        if batch.get("text_encoder_outputs") is not None:
+            from library.text.conditioning import CaptionEncoder
+
+            return CaptionEncoder.join_cached(batch["text_encoder_outputs"], accelerator.device, weight_dtype)
+        with torch.set_grad_enabled(self._trainable.train_text_encoder), accelerator.autocast():
+            return self._models.caption_encoder.encode(batch["captions"])
+
+    def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds: TextConds, batch: dict,
+                  weight_dtype):
+        return unet(noisy_latents, timesteps, encoder_hidden_states=text_conds.hidden_states.to(weight_dtype)).sample
+
+    def get_noise_scheduler(self, args, device):
+        from library.train.noise import make_noise_scheduler
+
+        return make_noise_scheduler(self.family.v_parameterization, args.zero_terminal_snr)
+
+    def encode_images_to_latents(self, args, vae, images: torch.Tensor, generators: list | None = None) -> torch.Tensor:
+        """A sample of the VAE posterior; with `generators` (one per image) the draw is reproducible per sample."""
+        with torch.no_grad():
+            posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+            if generators is None:
+                return posterior.sample()
+            shape = (1, *posterior.mean.shape[1:])
+            noise = torch.cat([torch.randn(shape, generator=generator) for generator in generators])
+            return posterior.mean + posterior.std * noise.to(posterior.mean.device, posterior.mean.dtype)
+
+    def shift_scale_latents(self, args, latents: torch.Tensor) -> torch.Tensor:
+        return latents * self.vae_scale_factor
+
+    def all_reduce_network(self, accelerator, network) -> None:
+        """Average the network's gradients over processes in one collective (the network is not DDP-wrapped:
+        its forward runs inside the frozen models, so DDP's reducer would never see it)."""
+        if accelerator.num_processes == 1:
+            return
+        grads = [param.grad for param in network.parameters() if param.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        flat = accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+    def sample_images(self, accelerator, args, epoch, global_step, device, vae, tokenizers, text_encoder, unet):
+        if not self._run.sample_prompts:
+            return
+        from library.train.sample_during_training import sample_images
+
+        encoders_were = [next(encoder.parameters()).device for encoder in self._models.text_encoders]
+        for encoder in self._models.text_encoders:
+            encoder.to(device)
+        vae_was = next(vae.parameters()).device
+        vae.to(device)
+        network = self._trainable.network
+        network.eval()  # no network dropout while sampling
+        try:
+            sample_images(args, family=self.family, unet=unet, vae=vae, caption_encoder=self._models.caption_encoder,
+                          prompts=self._run.sample_prompts, epoch=epoch, global_step=global_step, device=device,
+                          dtype=self._run.weight_dtype, default_size=self.default_sample_size(args),
+                          process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+        finally:
+            network.train()
+            vae.to(vae_was)
+            for encoder, was in zip(self._models.text_encoders, encoders_were):
+                encoder.to(was)
+
+    def default_sample_size(self, args) -> tuple[int, int]:
+        """kohya samples at 512x512 unless the prompt says otherwise (COMPAT §12)."""
+        return (512, 512)
+
+    def training_resolution(self) -> tuple[int, int]:
+        """(width, height) of the first dataset (what --resolution or the dataset config gave)."""
+        return tuple(self._run.train_group.datasets[0].params.resolution)
+
+    def get_sai_model_spec(self, args) -> dict[str, str]:
+        from library.train.metadata import modelspec_metadata
+
+        return modelspec_metadata(args, self.family, kind="lora", started_at=self._run.progress.started_at,
+                                  resolution=self.training_resolution())
+
+    def update_metadata(self, metadata: dict, args) -> None:
+        """Add family-specific `ss_*` keys (none for SD1/2)."""
+
+    # ------------------------------------------------------------------------------------------------ phases
+
+    def train(self, args: argparse.Namespace) -> Path:
+        """Run the whole training; returns the path of the final network file."""
+        self._run = run = self.prepare_run(args)
+        self._models = models = self.load_models(run)
+        self.prepare_conditioning(run, models)
+        self._trainable = trainable = self.build_trainable(run, models)
+        self.build_optimizer(run, models, trainable)
+        self.loop(run, models, trainable)
+        return self.finish(run, models, trainable)
+
+    def prepare_run(self, args: argparse.Namespace) -> TrainingRun:
+        """Everything that can fail on bad input, before any model weight is read."""
+        from library.data.prepare import dataset_group_from_args
+        from library.models.load import detect_family
+        from library.options.metadata import check_metadata_arguments
+        from library.options.noise_loss import check_noise_and_loss_flags
+        from library.options.training import weight_dtype
+        from library.train import run_setup
+
+        run_setup.check_output_flags(args)
+        run_setup.check_precision_flags(args)
+        check_noise_and_loss_flags(args)
+        check_metadata_arguments(args)
+        self.family = detect_family(args.pretrained_model_name_or_path or "", args.v_parameterization, v2=args.v2,
+                                    expected_families=self.supported_families)
+        args.v_parameterization = self.family.v_parameterization
+        run_setup.check_network_flags(args, len(self.family.text_encoders))
+        for flag, paths in (("--network_weights", [args.network_weights]), ("--base_weights", args.base_weights)):
+            for path in paths or []:
+                if path:
+                    network_module.check_network_weights_family(path, self.family.name, flag)
+        network_module.import_network_module(args.network_module)
+        sample_prompts = self._load_sample_prompts(args)
+        accelerator = run_setup.make_accelerator(args)
+        if args.seed is not None:
+            from accelerate.utils import set_seed
+
+            set_seed(args.seed)
+        train_group = dataset_group_from_args(args, self.family, lint=accelerator.is_main_process)
+        val_group = dataset_group_from_args(args, self.family, validation=True, lint=False)
+        if args.cache_latents or args.cache_latents_to_disk:
+            train_group.check_latents_cacheable()
+        if self.is_text_encoder_outputs_cached(args):
+            train_group.check_text_encoder_outputs_cacheable()
+        self.assert_extra_args(args, train_group, val_group)
+        run = TrainingRun(args, self.family, accelerator, weight_dtype(args.mixed_precision), train_group, val_group,
+                          sample_prompts=sample_prompts)
+        run.schedule = run_setup.training_schedule(args, len(train_group), accelerator.num_processes)
+        run.names = OutputNames(args.output_dir, args.output_name, "." + args.save_model_as)
+        checkpoints.check_output_folder(run.names, resuming=bool(args.resume), overwrite=args.overwrite_output)
+        train_group.set_max_steps(run.schedule.max_train_steps)
+        run.progress = TrainProgress(session_id=random.randint(0, 2**32), started_at=time.time())
+        return run
+
+    def _load_sample_prompts(self, args) -> list:
+        if not args.sample_prompts:
+            return []
+        from library.sampling.prompts import load_sample_prompts
+
+        return load_sample_prompts(args.sample_prompts)
+
+    def load_models(self, run: TrainingRun) -> LoadedModels:
+        from library.text.conditioning import CaptionEncoder
+
+        args, accelerator = run.args, run.accelerator
+        _, text_encoders, vae, unet = self.load_target_model(args, run.weight_dtype, accelerator)
+        text_encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
+        tokenizers = self.load_tokenizer(args)
+        tokenizers = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
+        for model in (unet, vae, *text_encoders):
+            model.requires_grad_(False)
+            model.eval()
+        if args.base_weights:
+            network_module.apply_base_weights(args.network_module, args.base_weights, args.base_weights_multiplier,
+                                              vae, text_encoders, unet, torch.float32, "cpu")
+        self._set_attention(args, unet)
+        unet.to(accelerator.device, dtype=run.weight_dtype)
+        if args.fp8_base or args.fp8_base_unet:
+            _cast_to_fp8(unet)
+        from library.options.training import vae_dtype
+
+        vae.to(dtype=vae_dtype(args.mixed_precision, args.no_half_vae))
+        caption_encoder = CaptionEncoder(self.family, tokenizers, text_encoders,
+                                         max_token_length=args.max_token_length, clip_skip=args.clip_skip,
+                                         weighted=args.weighted_captions)
+        return LoadedModels(unet, vae, text_encoders, tokenizers, caption_encoder,
+                            self.get_noise_scheduler(args, accelerator.device))
+
+    def _set_attention(self, args, unet) -> None:
+        if args.xformers:
+            unet.enable_xformers_memory_efficient_attention()
+            logger.info("attention: xformers")
+        else:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (also serves --mem_eff_attn)
+
+    def prepare_conditioning(self, run: TrainingRun, models: LoadedModels) -> None:
+        """Latent cache (--cache_latents[_to_disk]) and text-encoder output cache; the VAE leaves the GPU after."""
+        args, accelerator = run.args, run.accelerator
+        if args.cache_latents or args.cache_latents_to_disk:
+            from library.data.caching import attach_existing_caches, cache_latents
+
+            models.vae.to(accelerator.device)
+            for group in (run.train_group, run.val_group):
+                if group is None:
+                    continue
+                cache_latents(group, models.vae, to_disk=bool(args.cache_latents_to_disk),
+                              latent_suffix=self.family.latent_cache_suffix, vae_batch_size=args.vae_batch_size,
+                              skip_check=args.skip_cache_check, process_index=accelerator.process_index,
+                              num_processes=accelerator.num_processes, seed=args.seed or 0,
+                              show_progress=accelerator.is_main_process)
+                if args.cache_latents_to_disk:
+                    accelerator.wait_for_everyone()
+                    attach_existing_caches(group, latent_suffix=self.family.latent_cache_suffix, text_outputs=False)
+            models.vae.to("cpu")
+        else:
+            models.vae.to(accelerator.device)
+        self.cache_text_encoder_outputs_if_needed(args, accelerator, models.unet, models.vae, models.text_encoders,
+                                                  run.train_group, run.weight_dtype)
+
+    def build_trainable(self, run: TrainingRun, models: LoadedModels) -> Trainable:
+        """Create the network, hook it into the models and load --network_weights."""
+        args = run.args
+        module = network_module.import_network_module(args.network_module)
+        kwargs = network_module.network_kwargs(args.network_args, args.network_dropout)
+        if args.dim_from_weights:
+            network, _ = network_module.create_network_from_weights(
+                module, args.network_multiplier, args.network_weights, models.vae, models.text_encoders, models.unet,
+                **kwargs)
+        else:
+            network = network_module.create_network(
+                module, multiplier=args.network_multiplier, network_dim=args.network_dim,
+                network_alpha=args.network_alpha, vae=models.vae, text_encoders=models.text_encoders,
+                unet=models.unet, kwargs=kwargs, output_dir=args.output_dir, network_dropout=args.network_dropout)
+        if network is None:
+            raise TrainingStopped(f"--network_module {args.network_module} created no network; nothing to train")
+        if hasattr(network, "prepare_network"):
+            network.prepare_network(args)
+        train_unet = not args.network_train_text_encoder_only
+        train_text_encoder = self.is_train_text_encoder(args)
+        encoders = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
+        network.apply_to(encoders, models.unet, train_text_encoder, train_unet)
+        if args.torch_compile:
+            # after apply_to, so the compiled graph includes the network's patched forwards
+            models.unet = torch.compile(models.unet, backend=args.dynamo_backend)
+        if args.network_weights:
+            info = network.load_weights(args.network_weights)
+            logger.info("loaded network weights from %s: %s", args.network_weights, info)
+        if args.gradient_checkpointing:
+            models.unet.enable_gradient_checkpointing()
+            for encoder in models.text_encoders if train_text_encoder else []:
+                encoder.gradient_checkpointing_enable()
+            network.enable_gradient_checkpointing()
+        if train_text_encoder:
+            for encoder in models.text_encoders:
+                encoder.train()
+        network_dtype = {True: torch.float16}.get(args.full_fp16) or {True: torch.bfloat16}.get(args.full_bf16)
+        network.to(run.accelerator.device, dtype=network_dtype)
+        logger.info("%s", network_module.describe_network(network))
+        return Trainable(network, train_unet, train_text_encoder)
+
+    def build_optimizer(self, run: TrainingRun, models: LoadedModels, trainable: Trainable) -> None:
+        from library.train.lr_schedulers import get_scheduler
+        from library.train.metadata import training_metadata
+        from library.train.optimizers import get_optimizer, parse_optimizer_args, resolve_optimizer_type
+
+        args, accelerator, schedule = run.args, run.accelerator, run.schedule
+        groups, trainable.group_names = network_module.optimizer_param_groups(
+            trainable.network, text_encoder_lrs=args.text_encoder_lr, unet_lr=args.unet_lr,
+            learning_rate=args.learning_rate)
+        optimizer_type = resolve_optimizer_type(args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer)
+        class_path, arguments, optimizer = get_optimizer(optimizer_type, groups, args.learning_rate,
+                                                         parse_optimizer_args(args.optimizer_args))
+        trainable.optimizer_description = class_path + (f"({arguments})" if arguments else "")
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=schedule.max_train_steps, num_decay_steps=args.lr_decay_steps,
+            num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
+            timescale=args.lr_scheduler_timescale, min_lr_ratio=args.lr_scheduler_min_lr_ratio,
+            scheduler_type=args.lr_scheduler_type, scheduler_args=args.lr_scheduler_args,
+            num_processes=accelerator.num_processes)
+        if args.full_fp16:
+            _allow_fp16_gradient_unscaling(accelerator)
+        trainable.optimizer, trainable.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        accelerator.register_for_checkpointing(trainable.network)
+        if args.resume:
+            run.progress = checkpoints.load_state(accelerator, args.resume).position_from_step(
+                schedule.steps_per_epoch, schedule.accumulation)
+        warmup = getattr(lr_scheduler, "warmup_steps", None) or 0
+        trainable.metadata = training_metadata(
+            args, self.family, session_id=run.progress.session_id or 0, started_at=run.progress.started_at or 0.0,
+            train_group=run.train_group, val_group=run.val_group,
+            num_batches_per_epoch=schedule.batches_per_epoch, num_epochs=schedule.num_epochs,
+            max_train_steps=schedule.max_train_steps, optimizer_description=trainable.optimizer_description,
+            network_module=args.network_module, network_args=network_module.network_kwargs(
+                args.network_args, args.network_dropout) if args.network_args else None,
+            lr_warmup_steps=warmup, num_processes=accelerator.num_processes)
+        self.update_metadata(trainable.metadata, args)
+        trainable.modelspec = self.get_sai_model_spec(args)
+
+    def loop(self, run: TrainingRun, models: LoadedModels, trainable: Trainable) -> None:
+        from library.train.training_loop import run_training_loop
+
+        run_training_loop(self, run, models, trainable)
+
+    def finish(self, run: TrainingRun, models: LoadedModels, trainable: Trainable) -> Path:
+        accelerator, args = run.accelerator, run.args
+        accelerator.wait_for_everyone()
+        final = run.names.last_file()
+        if accelerator.is_main_process:
+            self.save_network(run, trainable, final, epoch=run.schedule.num_epochs)
+        if args.save_state or args.save_state_on_train_end:
+            checkpoints.save_state(accelerator, run.names.last_state(), run.progress)
+        accelerator.end_training()
+        if accelerator.is_main_process:
+            logger.info("training finished: %s (%d steps)", final, run.progress.global_step)
+        return final
+
+    # --------------------------------------------------------------------------------------------- saving
+
+    def save_network(self, run: TrainingRun, trainable: Trainable, path: Path, epoch: int) -> None:
+        from library.models.save import precision_dtype
+        from library.train.metadata import metadata_for_save
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = metadata_for_save(trainable.metadata, trainable.modelspec, steps=run.progress.global_step,
+                                     epoch=epoch, finished_at=time.time(), no_metadata=run.args.no_metadata)
+        trainable.network.save_weights(str(path), precision_dtype(run.args.save_precision), metadata)
+        logger.info("saved %s", path)
+
+
+def _cast_to_fp8(unet: torch.nn.Module) -> None:
+    """--fp8_base: Linear/Conv weights stored as float8_e4m3fn; autocast computes them in the mixed dtype."""
+    for module in unet.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+
+
+def _allow_fp16_gradient_unscaling(accelerator) -> None:
+    """--full_fp16: torch's GradScaler refuses fp16 gradients; unscale them anyway (kohya does the same)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        raise FlagError("--full_fp16 needs a GPU with fp16 mixed precision (no gradient scaler is active)")
+    original = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16

@@ -1,0 +1,105 @@
+"""Everything a training run settles before any model loads: flag conflicts, the accelerator, the schedule.
+
+Conflicting flags fail here with one line naming them, so a user never waits for a model load to learn that
+two options cannot go together.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from library.errors import FlagError
+
+logger = logging.getLogger(__name__)
+
+
+def check_network_flags(args: argparse.Namespace, text_encoder_count: int) -> None:
+    """Flag combinations of network training that cannot work (COMPAT §16; issue: fail before models load)."""
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise FlagError("--network_train_unet_only and --network_train_text_encoder_only cannot be used together; "
+                        "give one of them (or neither, to train both)")
+    if getattr(args, "cache_text_encoder_outputs", False) and not args.network_train_unet_only:
+        raise FlagError("--cache_text_encoder_outputs needs --network_train_unet_only: cached text-encoder outputs "
+                        "cannot carry gradients into a text-encoder network")
+    if args.dim_from_weights and not args.network_weights:
+        raise FlagError("--dim_from_weights needs --network_weights (the file to take the ranks from)")
+    if args.text_encoder_lr and len(args.text_encoder_lr) > text_encoder_count:
+        raise FlagError(f"--text_encoder_lr got {len(args.text_encoder_lr)} values but this model has "
+                        f"{text_encoder_count} text encoder(s)")
+    if args.base_weights_multiplier and len(args.base_weights_multiplier) != len(args.base_weights or []):
+        raise FlagError(f"--base_weights_multiplier got {len(args.base_weights_multiplier)} values for "
+                        f"{len(args.base_weights or [])} --base_weights files; give one per file")
+    if args.scale_weight_norms is not None and args.scale_weight_norms <= 0:
+        raise FlagError(f"--scale_weight_norms expected a number > 0, got {args.scale_weight_norms}")
+
+
+def check_precision_flags(args: argparse.Namespace) -> None:
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        raise FlagError("--full_fp16 needs --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise FlagError("--full_bf16 needs --mixed_precision bf16")
+    if (args.fp8_base or args.fp8_base_unet) and args.mixed_precision == "no":
+        raise FlagError("--fp8_base needs --mixed_precision fp16 or bf16 (float8 weights are computed in that dtype)")
+    if args.xformers:
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError as error:
+            raise FlagError(f"--xformers: xformers could not be imported ({error}); install it for your torch/CUDA "
+                            "build or use --sdpa") from error
+
+
+def check_output_flags(args: argparse.Namespace) -> None:
+    if not args.output_dir:
+        raise FlagError("--output_dir is required (the folder for the trained network, samples and states)")
+    if args.resume and not Path(args.resume).is_dir():
+        raise FlagError(f"--resume {args.resume}: no such folder; expected a '-state' folder saved with --save_state")
+    if args.sample_prompts and not Path(args.sample_prompts).is_file():
+        raise FlagError(f"--sample_prompts {args.sample_prompts}: no such file")
+
+
+def make_accelerator(args: argparse.Namespace):
+    """accelerate's Accelerator for the flags: mixed precision, trackers, DDP timeout."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if args.ddp_timeout:
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
+    log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+    if log_with in ("tensorboard", "all") and not args.logging_dir:
+        raise FlagError(f"--log_with {log_with} needs --logging_dir (where TensorBoard writes)")
+    try:
+        return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
+                           project_dir=args.logging_dir, kwargs_handlers=handlers)
+    except ValueError as error:
+        raise FlagError(f"--mixed_precision {args.mixed_precision}: {error}") from error
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """Batches and optimizer steps of a run, per process."""
+
+    batches_per_epoch: int  # per process
+    steps_per_epoch: int  # optimizer steps per epoch
+    num_epochs: int
+    max_train_steps: int
+    accumulation: int
+
+
+def training_schedule(args: argparse.Namespace, total_batches: int, num_processes: int) -> TrainingSchedule:
+    """kohya's arithmetic: steps per epoch = ceil(batches per process / accumulation); epochs from steps or
+    --max_train_epochs (which wins)."""
+    batches = math.ceil(total_batches / num_processes)
+    accumulation = args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(batches / accumulation)
+    if args.max_train_epochs:
+        max_steps = args.max_train_epochs * steps_per_epoch
+        logger.info("--max_train_epochs %d: %d steps", args.max_train_epochs, max_steps)
+    else:
+        max_steps = args.max_train_steps
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    return TrainingSchedule(batches, steps_per_epoch, num_epochs, max_steps, accumulation)

@@ -1,0 +1,62 @@
+"""Train a LoRA (or another network module) on an SDXL model, with kohya's flags and file formats.
+
+    accelerate launch sdxl_train_network.py --pretrained_model_name_or_path sd_xl_base_1.0.safetensors \\
+        --dataset_config dataset.toml --output_dir out --output_name my_lora --network_dim 32 --network_alpha 16 \\
+        --network_train_unet_only --cache_latents_to_disk --cache_text_encoder_outputs --mixed_precision bf16
+
+The same flags as train_network.py; only the model hooks differ (two text encoders, pooled vector and size
+conditioning). Arguments may also come from `--config_file args.toml`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from library.cli import run_cli
+from library.train.network_trainer import NetworkTrainer
+
+import train_network
+
+
+class SdxlNetworkTrainer(NetworkTrainer):
+    """SDXL hooks: the U-Net also takes the pooled TE2 vector and the size conditioning (COMPAT §14.4)."""
+
+    supported_families = ("sdxl",)
+
+    def __init__(self):
+        super().__init__()
+        self.vae_scale_factor = 0.13025
+        self.is_sdxl = True
+
+    def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype):
+        from library.text.sdxl_cond import sdxl_time_ids
+
+        time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
+        added = {"text_embeds": text_conds.pooled.to(noisy_latents.device, weight_dtype),
+                 "time_ids": time_ids.to(noisy_latents.device, weight_dtype)}
+        return unet(noisy_latents, timesteps, encoder_hidden_states=text_conds.hidden_states.to(weight_dtype),
+                    added_cond_kwargs=added).sample
+
+    def default_sample_size(self, args) -> tuple[int, int]:
+        """SDXL samples default to the training resolution (512 would be far off the model's range)."""
+        return self.training_resolution()
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = train_network.setup_parser()
+    parser.add_argument("--disable_mmap_load_safetensors", action="store_true",
+                        help="accepted for kohya compatibility (tensors are always read one at a time)")
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = train_network.parse_args(setup_parser(), argv)
+    return SdxlNetworkTrainer().train(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
