@@ -21,7 +21,7 @@ from networks.lora import (
     LoRAModule,
     LoRANetwork,
     _arg_error,
-    _check_all_names_placed,
+    check_all_names_placed,
     _is_unset,
     _number,
     lora_weight_delta,
@@ -274,6 +274,6 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     unit = DEFAULT_UNIT if _is_unset(kwargs.get("unit")) else parse_unit(kwargs["unit"], list(dims.values()),
                                                                         f"the ranks in {source}")
     network = DyLoRANetwork(text_encoder, unet, RankPlan(module_dims=dims, module_alphas=alphas), multiplier, unit)
-    _check_all_names_placed(network, dims, source)
+    check_all_names_placed(network, dims, source)
     network.to_model_layout(weights_sd, source)  # raises on shape mismatches now rather than at load time
     return network, weights_sd

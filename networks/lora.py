@@ -561,13 +561,21 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
                    text_encoder: Any, unet: torch.nn.Module, neuron_dropout: float | None = None,
                    **kwargs: Any) -> LoRANetwork:
     """kohya's entry point: a fresh LoRA for the model; kwargs are the `--network_args` values."""
+    return build_network(LoRANetwork, multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout,
+                         kwargs)
+
+
+def build_network(network_class: type[LoRANetwork], multiplier: float, network_dim: int | None,
+                  network_alpha: float | None, text_encoder: Any, unet: torch.nn.Module,
+                  neuron_dropout: float | None, network_args: Mapping[str, Any]) -> LoRANetwork:
+    """`create_network` for LoRANetwork and its variants (networks.lora_fa): the same args and rank plan."""
     scheme = naming.scheme_for_unet(unet)
-    args = parse_network_args(kwargs, scheme)
+    args = parse_network_args(network_args, scheme)
     network_dim = naming.DEFAULT_NETWORK_DIM if network_dim is None else int(network_dim)
     network_alpha = naming.DEFAULT_NETWORK_ALPHA if network_alpha is None else float(network_alpha)
     plan = rank_plan_from_args(args, scheme, network_dim, network_alpha)
     dropout = neuron_dropout if neuron_dropout is not None else args.dropout
-    network = LoRANetwork(text_encoder, unet, plan, multiplier, dropout, args.rank_dropout, args.module_dropout)
+    network = network_class(text_encoder, unet, plan, multiplier, dropout, args.rank_dropout, args.module_dropout)
     network.set_loraplus_lr_ratio(*args.loraplus_ratios.values())
     network.set_block_lr_weight(args.block_lr_weight)
     return network
@@ -581,18 +589,26 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
 
     for_inference is accepted for kohya compatibility: the same modules both run dynamically and merge.
     """
+    return build_network_from_weights(LoRANetwork, multiplier, file, text_encoder, unet, weights_sd)
+
+
+def build_network_from_weights(network_class: type[LoRANetwork], multiplier: float, file: str | os.PathLike | None,
+                               text_encoder: Any, unet: torch.nn.Module,
+                               weights_sd: Mapping[str, torch.Tensor] | None = None
+                               ) -> tuple[LoRANetwork, Mapping[str, torch.Tensor]]:
+    """`create_network_from_weights` for LoRANetwork and its variants."""
     source = file if file is not None else "<weights>"
     if weights_sd is None:
         weights_sd = read_state_dict(file)
     aliases = naming.diffusers_unet_name_aliases(unet, naming.scheme_for_unet(unet))
     dims, alphas = naming.ranks_from_weights(naming.rename_unet_aliases(weights_sd, aliases), source)
-    network = LoRANetwork(text_encoder, unet, RankPlan(module_dims=dims, module_alphas=alphas), multiplier)
-    _check_all_names_placed(network, dims, source)
+    network = network_class(text_encoder, unet, RankPlan(module_dims=dims, module_alphas=alphas), multiplier)
+    check_all_names_placed(network, dims, source)
     network.to_model_layout(weights_sd, source)  # raises on shape mismatches now rather than at load time
     return network, weights_sd
 
 
-def _check_all_names_placed(network: LoRANetwork, dims: Mapping[str, int], source: object) -> None:
+def check_all_names_placed(network: LoRANetwork, dims: Mapping[str, int], source: object) -> None:
     placed = {lora.lora_name for lora in network.text_encoder_loras + network.unet_loras}
     unplaced = sorted(name for name in dims if name not in placed)
     if not unplaced:

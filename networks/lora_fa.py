@@ -10,10 +10,8 @@ from typing import Any
 
 import torch
 
-from library.models.state_dict_io import read_state_dict
-from networks import lora, naming
-from networks.lora import LoRANetwork, _check_all_names_placed
-from networks.naming import RankPlan
+from networks import lora
+from networks.lora import LoRANetwork
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +50,8 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
                    text_encoder: Any, unet: torch.nn.Module, neuron_dropout: float | None = None,
                    **kwargs: Any) -> LoRAFANetwork:
     """kohya's entry point: a fresh LoRA-FA; kwargs are networks.lora's `--network_args`."""
-    scheme = naming.scheme_for_unet(unet)
-    args = lora.parse_network_args(kwargs, scheme)
-    network_dim = naming.DEFAULT_NETWORK_DIM if network_dim is None else int(network_dim)
-    network_alpha = naming.DEFAULT_NETWORK_ALPHA if network_alpha is None else float(network_alpha)
-    plan = lora.rank_plan_from_args(args, scheme, network_dim, network_alpha)
-    dropout = neuron_dropout if neuron_dropout is not None else args.dropout
-    network = LoRAFANetwork(text_encoder, unet, plan, multiplier, dropout, args.rank_dropout, args.module_dropout)
-    network.set_loraplus_lr_ratio(*args.loraplus_ratios.values())
-    network.set_block_lr_weight(args.block_lr_weight)
-    return network
+    return lora.build_network(LoRAFANetwork, multiplier, network_dim, network_alpha, text_encoder, unet,
+                              neuron_dropout, kwargs)
 
 
 def create_network_from_weights(multiplier: float, file: str | os.PathLike | None, vae: Any, text_encoder: Any,
@@ -69,12 +59,4 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
                                 for_inference: bool = False, **kwargs: Any
                                 ) -> tuple[LoRAFANetwork, Mapping[str, torch.Tensor]]:
     """A LoRA-FA whose modules, ranks and alphas match a LoRA file (same rules as networks.lora)."""
-    source = file if file is not None else "<weights>"
-    if weights_sd is None:
-        weights_sd = read_state_dict(file)
-    aliases = naming.diffusers_unet_name_aliases(unet, naming.scheme_for_unet(unet))
-    dims, alphas = naming.ranks_from_weights(naming.rename_unet_aliases(weights_sd, aliases), source)
-    network = LoRAFANetwork(text_encoder, unet, RankPlan(module_dims=dims, module_alphas=alphas), multiplier)
-    _check_all_names_placed(network, dims, source)
-    network.to_model_layout(weights_sd, source)
-    return network, weights_sd
+    return lora.build_network_from_weights(LoRAFANetwork, multiplier, file, text_encoder, unet, weights_sd)

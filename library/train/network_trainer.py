@@ -67,6 +67,7 @@ class Trainable:
     metadata: dict = field(default_factory=dict)
     modelspec: dict = field(default_factory=dict)
     last_norm_logs: dict = field(default_factory=dict)  # --scale_weight_norms figures of the last step
+    engine: Any = None  # DeepSpeed's wrapper of the network, when accelerate runs DeepSpeed
 
 
 class NetworkTrainer:
@@ -166,7 +167,7 @@ class NetworkTrainer:
     def all_reduce_network(self, accelerator, network) -> None:
         """Average the network's gradients over processes in one collective (the network is not DDP-wrapped:
         its forward runs inside the frozen models, so DDP's reducer would never see it)."""
-        if accelerator.num_processes == 1:
+        if accelerator.num_processes == 1 or _uses_deepspeed(accelerator):
             return
         grads = [param.grad for param in network.parameters() if param.grad is not None]
         if not grads:
@@ -243,7 +244,7 @@ class NetworkTrainer:
         run_setup.check_precision_flags(args)
         check_noise_and_loss_flags(args)
         check_metadata_arguments(args)
-        self.family = detect_family(args.pretrained_model_name_or_path or "", args.v_parameterization, v2=args.v2,
+        self.family = detect_family(args.pretrained_model_name_or_path, args.v_parameterization, v2=args.v2,
                                     expected_families=self.supported_families)
         args.v_parameterization = self.family.v_parameterization
         run_setup.check_network_flags(args, len(self.family.text_encoders))
@@ -404,8 +405,15 @@ class NetworkTrainer:
             num_processes=accelerator.num_processes)
         if args.full_fp16:
             _allow_fp16_gradient_unscaling(accelerator)
-        trainable.optimizer, trainable.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-        accelerator.register_for_checkpointing(trainable.network)
+        if _uses_deepspeed(accelerator):
+            # DeepSpeed's engine owns the network's gradients (reduction, clipping); untested here (no GPU/DeepSpeed)
+            # the hooks keep calling the plain network; the engine only has to exist for accelerator.backward
+            trainable.engine, trainable.optimizer, trainable.lr_scheduler = accelerator.prepare(
+                trainable.network, optimizer, lr_scheduler)
+        else:
+            # the network is not DDP-wrapped: its forward runs inside the frozen models (see all_reduce_network)
+            trainable.optimizer, trainable.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+            accelerator.register_for_checkpointing(trainable.network)
         if args.resume:
             run.progress = checkpoints.load_state(accelerator, args.resume).position_from_step(
                 schedule.steps_per_epoch, schedule.accumulation)
@@ -450,6 +458,10 @@ class NetworkTrainer:
                                      epoch=epoch, finished_at=time.time(), no_metadata=run.args.no_metadata)
         trainable.network.save_weights(str(path), precision_dtype(run.args.save_precision), metadata)
         logger.info("saved %s", path)
+
+
+def _uses_deepspeed(accelerator) -> bool:
+    return str(accelerator.distributed_type).endswith("DEEPSPEED")
 
 
 def _cast_to_fp8(unet: torch.nn.Module) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -53,6 +54,9 @@ def check_precision_flags(args: argparse.Namespace) -> None:
 
 
 def check_output_flags(args: argparse.Namespace) -> None:
+    if not args.pretrained_model_name_or_path:
+        raise FlagError("--pretrained_model_name_or_path is required (the base model: a .safetensors/.ckpt file or "
+                        "a diffusers folder)")
     if not args.output_dir:
         raise FlagError("--output_dir is required (the folder for the trained network, samples and states)")
     if args.resume and not Path(args.resume).is_dir():
@@ -72,11 +76,30 @@ def make_accelerator(args: argparse.Namespace):
     log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
     if log_with in ("tensorboard", "all") and not args.logging_dir:
         raise FlagError(f"--log_with {log_with} needs --logging_dir (where TensorBoard writes)")
+    if log_with == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise FlagError("--log_with wandb needs the wandb package: pip install wandb")
+        if args.wandb_api_key:
+            os.environ.setdefault("WANDB_API_KEY", args.wandb_api_key)  # wandb reads it at init
+    _forget_previous_run_settings(args.mixed_precision)
     try:
         return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
                            project_dir=args.logging_dir, kwargs_handlers=handlers)
     except ValueError as error:
         raise FlagError(f"--mixed_precision {args.mixed_precision}: {error}") from error
+
+
+def _forget_previous_run_settings(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide AcceleratorState; a second run in the same Python process (the demo,
+    tests, notebooks) with another precision would be refused. Only that state is cleared; the distributed
+    PartialState (process group) is kept. accelerate has no public call for this."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 @dataclass(frozen=True)

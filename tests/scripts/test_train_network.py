@@ -4,6 +4,7 @@ LyCORIS through our trainer."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -293,3 +294,58 @@ network_args = ["conv_dim=2", "conv_alpha=1"]
     assert weights["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 4
     assert any("resnets_0_conv1" in key for key in weights)  # conv_dim from the file
     assert final.name == "last.safetensors"  # kohya's default name without --output_name
+
+
+def test_sd2_v_training_and_continuing_from_network_weights(tiny_models, tmp_path):
+    first_out = tmp_path / "first"
+    _, first = run_sd(base_argv(tiny_models.path("sd2-v"), dataset_toml(tmp_path), first_out, "--max_train_steps",
+                                "2", "--network_dim", "6", "--network_alpha", "3"))
+    with safe_open(first, "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_base_model_version"] == "sd_v2_v" and metadata["modelspec.prediction_type"] == "v"
+    # --dim_from_weights takes rank 6 / alpha 3 from the file even though --network_dim says 4
+    trainer, second = run_sd(base_argv(tiny_models.path("sd2-v"), dataset_toml(tmp_path), tmp_path / "second",
+                                       "--max_train_steps", "1", "--network_weights", str(first),
+                                       "--dim_from_weights", "--learning_rate", "1e-12"))
+    before, after = load_file(first), load_file(second)
+    assert before.keys() == after.keys()
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"
+    assert after[key].shape[0] == 6
+    torch.testing.assert_close(after[key], before[key], atol=1e-9, rtol=0)  # started from the file
+
+
+def test_bf16_with_fp8_base_trains_on_cpu(tiny_models, tmp_path):
+    trainer, final = run_sd(base_argv(tiny_models.path("sd1"), dataset_toml(tmp_path), tmp_path / "out",
+                                      "--max_train_steps", "2", "--mixed_precision", "bf16", "--fp8_base",
+                                      "--save_precision", "fp16", "--network_train_unet_only"))
+    linear = trainer._models.unet.down_blocks[0].attentions[0].proj_in
+    assert linear.weight.dtype == torch.float8_e4m3fn
+    assert all(math.isfinite(loss) for loss in trainer.loss_history)
+    assert {tensor.dtype for tensor in load_file(final).values()} == {torch.float16}
+
+
+def test_wandb_without_the_package_is_a_clear_error(tiny_models, tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else
+                        real_find_spec(name, *a))
+    with pytest.raises(FlagError, match="--log_with wandb needs the wandb package: pip install wandb"):
+        run_sd(base_argv(tiny_models.path("sd1"), dataset_toml(tmp_path), tmp_path / "out", "--log_with", "wandb"))
+
+
+def test_script_help_and_one_line_error_with_exit_code_2(tiny_models, tmp_path):
+    import subprocess
+    import sys
+
+    help_text = subprocess.run([sys.executable, "sdxl_train_network.py", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout
+    for flag in ("--network_module", "--save_every_n_steps", "--sample_prompts", "--resume", "--config_file"):
+        assert flag in help_text
+    result = subprocess.run([sys.executable, "sdxl_train_network.py", *base_argv(
+        tiny_models.path("sdxl"), dataset_toml(tmp_path), tmp_path / "out", "--network_train_unet_only",
+        "--network_train_text_encoder_only")], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --network_train_unet_only and --network_train_text_encoder_only cannot be used together")
+    assert "Traceback" not in result.stderr
