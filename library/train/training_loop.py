@@ -139,6 +139,7 @@ def run_epoch(trainer, run, models, trainable, loader, sampler, step_logger, bar
     schedule, progress = run.schedule, run.progress
     epoch = progress.epoch
     run.train_group.set_current_epoch(epoch)
+    run.train_group.set_current_step(progress.global_step)
     sampler.set_epoch(epoch, progress.batch_in_epoch)
     _network_epoch_start(trainable, models)
     batches = schedule.batches_per_epoch
@@ -151,6 +152,7 @@ def run_epoch(trainer, run, models, trainable, loader, sampler, step_logger, bar
         loss = optimizer_step(trainer, run, models, trainable, window)
         progress.batch_in_epoch = position
         progress.global_step += 1
+        run.train_group.set_current_step(progress.global_step)  # token warmup (workers read it from shared memory)
         window = []
         trainer.loss_history.append(loss)
         average = step_logger.add(loss)
