@@ -149,18 +149,8 @@ class DyLoRANetwork(LoRANetwork):
         self.unit = unit  # set before LoRANetwork.__init__, which calls _create_loras (a plain int is allowed)
         super().__init__(text_encoder, unet, rank_plan, multiplier)
 
-    def _create_loras(self, targets: list[LoRATarget], plan: RankPlan, dropouts: dict) -> list[DyLoRAModule]:
-        loras = []
-        for target in targets:
-            dim, alpha = plan.rank_for(target)
-            if not dim:
-                continue
-            if hasattr(self, target.name):
-                raise ValueError(f"duplicated LoRA name {target.name}")  # a naming bug, not user input
-            lora = DyLoRAModule(target.name, target.module, self.multiplier, dim, alpha, self.unit)
-            self.add_module(target.name, lora)
-            loras.append(lora)
-        return loras
+    def _make_module(self, target: LoRATarget, dim: int, alpha: float, dropouts: dict) -> DyLoRAModule:
+        return DyLoRAModule(target.name, target.module, self.multiplier, dim, alpha, self.unit)
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value: float, device: torch.device | str

@@ -325,10 +325,14 @@ class LoRANetwork(torch.nn.Module):
                 continue
             if hasattr(self, target.name):
                 raise ValueError(f"duplicated LoRA name {target.name}")  # a naming bug, not user input
-            lora = LoRAModule(target.name, target.module, self.multiplier, dim, alpha, **dropouts)
+            lora = self._make_module(target, dim, alpha, dropouts)
             self.add_module(target.name, lora)
             loras.append(lora)
         return loras
+
+    def _make_module(self, target: LoRATarget, dim: int, alpha: float, dropouts: dict) -> LoRAModule:
+        """One module of the network (variants such as DyLoRA build their own module class here)."""
+        return LoRAModule(target.name, target.module, self.multiplier, dim, alpha, **dropouts)
 
     # -- kohya interface: hooking, multiplier, training hooks
 
