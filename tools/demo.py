@@ -1,9 +1,10 @@
-"""The main job on the embedded default: build a tiny SDXL, train a LoRA on the bundled tiny dataset, sample.
+"""The main job on the embedded default: build a tiny SDXL, train a LoRA on the bundled tiny dataset (with samples
+during training), then generate images with the trained LoRA through sdxl_gen_img.py.
 
 Run by `bash scripts/demo.sh`. Everything is local: the tiny model is built from random weights with the real
 SDXL topology (`tools/make_tiny_model.py`), the tokenizers from the bundled CLIP vocabulary, and the dataset is
 `examples/tiny_dataset` (8 small images with captions). Training goes through `sdxl_train_network.py` with the
-same flags a user passes to `accelerate launch`; the exact command is printed.
+same flags a user passes to `accelerate launch`, generation through sdxl_gen_img.py; both commands are printed.
 """
 from __future__ import annotations
 
@@ -71,6 +72,17 @@ def training_argv(model: Path, dataset_toml: Path, prompts: Path, run_dir: Path,
             "--logging_dir", str(run_dir / "logs"), "--training_comment", "tools/demo.py on the tiny SDXL"]
 
 
+def generation_argv(model: Path, lora: Path, run_dir: Path, seed: int) -> list[str]:
+    """Four images from the trained LoRA, two prompts at full and half LoRA strength (per-prompt --am)."""
+    prompts = run_dir / "generate.txt"
+    prompts.write_text("tkshape, a red circle on a white background --n blurry --am 1.0\n"
+                       "tkshape, a blue square on a white background --am 0.5 --l 5\n", encoding="utf-8")
+    return ["--ckpt", str(model), "--network_module", "networks.lora", "--network_weights", str(lora),
+            "--from_file", str(prompts), "--images_per_prompt", "2", "--batch_size", "2", "--W", "64", "--H", "64",
+            "--steps", "12", "--sampler", "euler_a", "--scale", "7", "--seed", str(seed), "--max_embeddings_multiples",
+            "3", "--outdir", str(run_dir / "generated")]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
     import sdxl_train_network
@@ -96,6 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"logs         : {run_dir / 'logs'} (tensorboard --logdir {run_dir / 'logs'})")
     print(f"loss         : first {window} steps {sum(losses[:window]) / window:.4f} -> last {window} steps "
           f"{sum(losses[-window:]) / window:.4f} over {len(losses)} steps in {time.time() - started:.0f} s")
+
+    import sdxl_gen_img
+
+    gen_argv = generation_argv(model, lora, run_dir, args.seed)
+    print("\ngenerating: python sdxl_gen_img.py " + shlex.join(gen_argv), flush=True)
+    started = time.time()
+    images = sdxl_gen_img.main(gen_argv)
+    print(f"generated    : {len(images)} images with the LoRA in {run_dir / 'generated'} "
+          f"({time.time() - started:.0f} s; each PNG stores its prompt, seed and settings)")
 
 
 if __name__ == "__main__":

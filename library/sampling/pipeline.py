@@ -1,22 +1,24 @@
-"""A small text-to-image pipeline over our own models: prompt -> text conds -> guided denoising -> VAE -> PIL.
+"""A small text-to-image pipeline over our own models: prompts -> text conds -> guided denoising -> VAE -> PIL.
 
-Conditioning goes through the training `CaptionEncoder`, so long and weighted prompts behave as in training.
-Each step's guided prediction is one small function (`guided_prediction`) that generators can extend.
+One implementation serves the generators (`gen_img.py`, `sdxl_gen_img.py`) and sampling during training.
+`generate_batch` renders several `ImageJob`s that share size, steps, sampler, scale and strength in one U-Net
+batch; each job keeps its own seed, so an image does not depend on what else was in its batch. A family
+difference is data here: SDXL's U-Net takes size conditioning because its config says so (`text_time`).
 """
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from library.families import ModelFamily
+from library.sampling import img2img
 from library.sampling.prompts import SamplePrompt, floor_size
 from library.sampling.samplers import make_sampler
 from library.text.encode import unwrap_encoder
@@ -26,17 +28,70 @@ logger = logging.getLogger(__name__)
 SEED_RANGE = 2**32
 
 
+@dataclass(frozen=True)
+class SizeConditioning:
+    """SDXL's micro-conditioning for one side of guidance: original (h, w), crop (top, left), target (h, w)."""
+
+    original_hw: tuple[int, int]
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_hw: tuple[int, int] | None = None
+
+    def time_ids(self, image_hw: tuple[int, int]) -> list[int]:
+        return [*self.original_hw, *self.crop_top_left, *(self.target_hw or image_hw)]
+
+
+@dataclass
+class ImageJob:
+    """One image to render. Jobs rendered in one batch must agree on `batch_key()`.
+
+    strength: img2img strength (0 keeps `init_image`, 1 ignores it); None for text-to-image.
+    mask: inpainting mask (white = repaint), used with `init_image`.
+    size / negative_size: SDXL size conditioning; None = original = target = image size, crop (0, 0).
+    """
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    scale: float
+    sampler: str
+    strength: float | None = None
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+    guidance_rescale: float = 0.0
+    size: SizeConditioning | None = None
+    negative_size: SizeConditioning | None = None
+    extra: dict = field(default_factory=dict)  # caller's bookkeeping (prompt index, network multipliers, ...)
+
+    def batch_key(self) -> tuple:
+        return (self.width, self.height, self.steps, self.scale, self.sampler, self.strength, self.guidance_rescale,
+                self.init_image is not None, self.mask is not None)
+
+
 @dataclass
 class GuidanceConds:
-    """What the U-Net is conditioned on, batched as [negative, positive] for classifier-free guidance
-    (only [positive] when guidance is off). `added_cond_kwargs` holds SDXL's pooled vector and size ids."""
+    """What the U-Net is conditioned on, batched as [negatives..., positives...] for classifier-free guidance
+    (only positives when guidance is off). `added_cond_kwargs` holds SDXL's pooled vector and size ids."""
 
     hidden_states: torch.Tensor
+    guided: bool
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
 
-    @property
-    def guided(self) -> bool:
-        return self.hidden_states.shape[0] == 2
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How a batch is rendered (not part of what an image looks like)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    v_parameterization: bool = False
+    zero_terminal_snr: bool = False
+    max_chunks: int | None = None  # None: training's caption encoding; else the generators' (see CaptionEncoder)
+    vae_batch_size: int | None = None
+    offload: bool = False  # text encoders and VAE live on the CPU and visit `device` only while used (--lowram)
+    show_progress: bool = True
 
 
 def uses_guidance(scale: float) -> bool:
@@ -44,67 +99,79 @@ def uses_guidance(scale: float) -> bool:
     return scale > 1.0
 
 
-def encode_guidance_conds(caption_encoder, prompt: str, negative_prompt: str, *, guided: bool,
-                          size_hw: tuple[int, int], sdxl_size_ids: bool, device, dtype) -> GuidanceConds:
-    """Encode negative and positive prompt in one batch (equal token length) and add SDXL size conditioning.
+def _encode_text(caption_encoder, texts: list[str], max_chunks: int | None):
+    return caption_encoder.encode(texts) if max_chunks is None else caption_encoder.encode_prompts(texts, max_chunks)
 
-    SDXL: original size = target size = (h, w), crop (0, 0), as kohya's sample pipeline does (COMPAT §14.4).
+
+def encode_guidance_conds(caption_encoder, jobs: Sequence[ImageJob], *, guided: bool, sdxl_size_ids: bool,
+                          settings: RenderSettings) -> GuidanceConds:
+    """Encode all negative and positive prompts in one batch (one token length) plus SDXL size ids.
+
+    SDXL without explicit size conditioning: original size = target size = image size, crop (0, 0), as kohya's
+    sample pipeline does (COMPAT §14.4).
     """
-    captions = [negative_prompt, prompt] if guided else [prompt]
-    text_conds = caption_encoder.encode(captions)
+    texts = ([job.negative_prompt for job in jobs] if guided else []) + [job.prompt for job in jobs]
+    text_conds = _encode_text(caption_encoder, texts, settings.max_chunks)
+    device, dtype = settings.device, settings.dtype
     hidden_states = text_conds.hidden_states.to(device=device, dtype=dtype)
     added_cond_kwargs = None
     if sdxl_size_ids:
-        height, width = size_hw
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+        def ids(job: ImageJob, negative: bool) -> list[int]:
+            image_hw = (job.height, job.width)
+            chosen = (job.negative_size or job.size) if negative else job.size
+            return (chosen or SizeConditioning(image_hw)).time_ids(image_hw)
+
+        rows = ([ids(job, True) for job in jobs] if guided else []) + [ids(job, False) for job in jobs]
         added_cond_kwargs = {"text_embeds": text_conds.pooled.to(device=device, dtype=dtype),
-                             "time_ids": time_ids.repeat(len(captions), 1)}
-    return GuidanceConds(hidden_states, added_cond_kwargs)
+                             "time_ids": torch.tensor(rows, device=device, dtype=dtype)}
+    return GuidanceConds(hidden_states, guided, added_cond_kwargs)
+
+
+def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Lin et al. 2023 §3.4: scale the guided prediction to the positive prediction's per-sample std, then mix
+    `rescale` of that with `1 - rescale` of the plain guided prediction (fixes over-exposure with zero-SNR)."""
+    if not rescale:
+        return guided
+    dims = tuple(range(1, guided.dim()))
+    matched = guided * (positive.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * matched + (1.0 - rescale) * guided
 
 
 def guided_prediction(unet, scheduler, latents: torch.Tensor, timestep: torch.Tensor, conds: GuidanceConds,
-                      guidance_scale: float, dtype: torch.dtype) -> torch.Tensor:
+                      guidance_scale: float, dtype: torch.dtype, guidance_rescale: float = 0.0) -> torch.Tensor:
     """The U-Net's prediction for one step, with classifier-free guidance (Ho & Salimans 2022) when batched."""
-    batch = conds.hidden_states.shape[0]
-    model_input = scheduler.scale_model_input(torch.cat([latents] * batch), timestep)
+    model_input = torch.cat([latents, latents]) if conds.guided else latents
+    model_input = scheduler.scale_model_input(model_input, timestep)
     prediction = unet(model_input.to(dtype), timestep, encoder_hidden_states=conds.hidden_states,
                       added_cond_kwargs=conds.added_cond_kwargs).sample.float()
     if not conds.guided:
         return prediction
     negative, positive = prediction.chunk(2)
-    return negative + guidance_scale * (positive - negative)
+    guided = negative + guidance_scale * (positive - negative)
+    return rescale_guidance(guided, positive, guidance_rescale)
 
 
-def denoise(unet, scheduler, latents: torch.Tensor, conds: GuidanceConds, guidance_scale: float, *,
-            generator: torch.Generator, dtype: torch.dtype, show_progress: bool = True) -> torch.Tensor:
-    """Run the scheduler's timesteps from `latents` (float32) and return the final latents."""
-    step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-    extra = {"generator": generator} if step_takes_generator else {}
-    for timestep in tqdm(scheduler.timesteps, desc="sampling steps", leave=False, disable=not show_progress):
-        prediction = guided_prediction(unet, scheduler, latents, timestep, conds, guidance_scale, dtype)
-        latents = scheduler.step(prediction, timestep, latents, **extra).prev_sample
-    return latents
+def initial_noise(generators: Sequence[torch.Generator], channels: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """`[B, C, h, w]` standard-normal noise, each image's from its own CPU generator: a seed gives the same image
+    on any device and in any batch."""
+    shape = (1, channels, *latent_hw)
+    return torch.cat([torch.randn(shape, generator=generator, dtype=torch.float32) for generator in generators])
 
 
-def initial_latents(generator: torch.Generator, channels: int, size_hw: tuple[int, int], downscale: int,
-                    init_noise_sigma: float | torch.Tensor, device) -> torch.Tensor:
-    """`[1, C, h/downscale, w/downscale]` standard-normal noise (drawn on the generator's CPU) × the scheduler's
-    initial sigma; drawing on CPU makes a seed give the same image on any device."""
-    height, width = size_hw
-    shape = (1, channels, height // downscale, width // downscale)
-    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return noise.to(device) * init_noise_sigma
-
-
-def decode_latents(vae, latents: torch.Tensor, vae_scale_factor: float) -> Image.Image:
-    """Latents -> RGB PIL image, decoded in the VAE's own dtype."""
+def decode_latents(vae, latents: torch.Tensor, vae_scale_factor: float, batch_size: int | None = None
+                   ) -> list[Image.Image]:
+    """Latents -> RGB PIL images, decoded in the VAE's own dtype, `batch_size` at a time (`--vae_batch_size`)."""
     parameter = next(vae.parameters())
-    decoded = vae.decode((latents / vae_scale_factor).to(parameter.device, parameter.dtype)).sample.float()
-    if not torch.isfinite(decoded).all():
-        logger.warning("the VAE produced NaN/inf pixels (a half-precision SDXL VAE overflows; use --no_half_vae)")
-        decoded = torch.nan_to_num(decoded)
-    pixels = ((decoded[0].clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
+    batch_size = batch_size or latents.shape[0]
+    images = []
+    for start in range(0, latents.shape[0], batch_size):
+        chunk = (latents[start:start + batch_size] / vae_scale_factor).to(parameter.device, parameter.dtype)
+        decoded = vae.decode(chunk).sample.float()
+        if not torch.isfinite(decoded).all():
+            logger.warning("the VAE produced NaN/inf pixels (a half-precision SDXL VAE overflows; use --no_half_vae)")
+            decoded = torch.nan_to_num(decoded)
+        images.extend(img2img.tensor_to_image(pixels) for pixels in decoded)
+    return images
 
 
 def vae_downscale(vae) -> int:
@@ -135,17 +202,114 @@ def eval_mode(*modules: torch.nn.Module | None) -> Iterator[None]:
             module.training = training
 
 
+@contextmanager
+def on_device(settings: RenderSettings, *modules: torch.nn.Module) -> Iterator[None]:
+    """With `settings.offload`, move modules to the device for the block and back to the CPU afterwards."""
+    if not settings.offload or settings.device.type == "cpu":
+        yield
+        return
+    for module in modules:
+        module.to(settings.device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
+
+
 def _autocast(device: torch.device, dtype: torch.dtype):
     # Training runs the frozen models under autocast (LoRA weights stay float32), so sampling does the same.
     enabled = dtype in (torch.float16, torch.bfloat16)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
+def _check_batch(jobs: Sequence[ImageJob]) -> None:
+    if not jobs:
+        raise ValueError("generate_batch needs at least one job")
+    keys = {job.batch_key() for job in jobs}
+    if len(keys) > 1:
+        raise ValueError(f"jobs of one batch must share size, steps, scale, sampler and strength; got {keys}")
+
+
+def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
+    # diffusers' randn_tensor draws batch item i from generators[i]: ancestral noise stays per image.
+    return {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def _denoise(unet, scheduler, timesteps, latents: torch.Tensor, conds: GuidanceConds, job: ImageJob,
+             generators: list[torch.Generator], settings: RenderSettings, inpaint: tuple | None) -> torch.Tensor:
+    """Run `timesteps` from `latents`; with `inpaint` = (clean latents, noise, mask) the kept region is put back
+    after every step at the noise level of the next step (clean after the last)."""
+    extra = _step_kwargs(scheduler, generators)
+    for index, timestep in enumerate(tqdm(timesteps, desc="sampling steps", leave=False,
+                                          disable=not settings.show_progress)):
+        prediction = guided_prediction(unet, scheduler, latents, timestep, conds, job.scale, settings.dtype,
+                                       job.guidance_rescale)
+        latents = scheduler.step(prediction, timestep, latents, **extra).prev_sample
+        if inpaint is not None:
+            clean, noise, mask = inpaint
+            known = clean
+            if index + 1 < len(timesteps):
+                known = scheduler.add_noise(clean, noise, timesteps[index + 1:index + 2])
+            latents = mask * latents + (1.0 - mask) * known
+    return latents
+
+
+def _start_latents(vae, jobs, scheduler, timesteps, noise, settings, vae_scale_factor):
+    """Noise × initial sigma for text-to-image; for img2img the encoded images noised to the first timestep.
+    Returns (latents, clean image latents or None)."""
+    job = jobs[0]
+    if job.init_image is None:
+        return noise * scheduler.init_noise_sigma, None
+    pixels = torch.cat([img2img.image_to_tensor(item.init_image, (job.width, job.height)) for item in jobs])
+    clean = img2img.encode_images(vae, pixels, vae_scale_factor, settings.vae_batch_size).to(settings.device)
+    first = timesteps[:1].repeat(len(jobs))
+    return scheduler.add_noise(clean, noise, first), clean
+
+
+@torch.no_grad()
+def generate_batch(jobs: Sequence[ImageJob], *, unet, vae, caption_encoder, vae_scale_factor: float,
+                   settings: RenderSettings) -> list[Image.Image]:
+    """Render jobs that share `batch_key()` in one U-Net batch; one image per job, in order.
+
+    img2img with strength 0 runs no step and returns each init image (resized) unchanged.
+    """
+    _check_batch(jobs)
+    job = jobs[0]
+    if job.init_image is not None and job.strength is not None and int(job.steps * job.strength) == 0:
+        return [img2img.resized_rgb(item.init_image, (job.width, job.height)) for item in jobs]
+    unet_config = unwrap_encoder(unet).config  # a torch.compile wrapper is called, its model read
+    device = settings.device
+    scheduler = make_sampler(job.sampler, settings.v_parameterization, settings.zero_terminal_snr)
+    scheduler.set_timesteps(job.steps, device=device)
+    timesteps, _ = img2img.strength_timesteps(scheduler, job.steps, job.strength if job.init_image else None)
+    generators = [torch.Generator("cpu").manual_seed(item.seed) for item in jobs]
+    downscale = vae_downscale(vae)
+    latent_hw = (job.height // downscale, job.width // downscale)
+    sdxl_size_ids = getattr(unet_config, "addition_embed_type", None) == "text_time"
+    logger.debug("rendering %d image(s) %dx%d, %d steps, %s", len(jobs), job.width, job.height, job.steps,
+                 type(scheduler).__name__)
+    with eval_mode(unet, vae, *caption_encoder.text_encoders), _autocast(device, settings.dtype):
+        with on_device(settings, *caption_encoder.text_encoders):
+            conds = encode_guidance_conds(caption_encoder, jobs, guided=uses_guidance(job.scale),
+                                          sdxl_size_ids=sdxl_size_ids, settings=settings)
+        noise = initial_noise(generators, unet_config.in_channels, latent_hw).to(device)
+        with on_device(settings, vae):
+            latents, clean = _start_latents(vae, jobs, scheduler, timesteps, noise, settings, vae_scale_factor)
+        inpaint = None
+        if job.mask is not None and clean is not None:
+            mask = torch.cat([img2img.latent_mask(item.mask, latent_hw) for item in jobs]).to(device)
+            inpaint = (clean, noise, mask)
+        latents = _denoise(unet, scheduler, timesteps, latents, conds, job, generators, settings, inpaint)
+        with on_device(settings, vae):
+            return decode_latents(vae, latents, vae_scale_factor, settings.vae_batch_size)
+
+
 @torch.no_grad()
 def generate(request: SamplePrompt, *, family: ModelFamily, unet, vae, caption_encoder, sampler_name: str,
              device, dtype: torch.dtype, default_size: tuple[int, int], generator_seed: int | None,
              zero_terminal_snr: bool = False, show_progress: bool = True) -> Image.Image:
-    """Generate one image for a sample prompt.
+    """Generate one image for a training sample prompt.
 
     Args:
         sampler_name: used when the prompt names no sampler (`--ss`).
@@ -153,23 +317,12 @@ def generate(request: SamplePrompt, *, family: ModelFamily, unet, vae, caption_e
         generator_seed: overrides the prompt's seed; with neither, a seed is drawn from torch's global generator.
         zero_terminal_snr: sample with the rescaled schedule the model was trained with (`--zero_terminal_snr`).
     """
-    device = torch.device(device)
-    unet = unwrap_encoder(unet)
-    width = floor_size(request.width or default_size[0])
-    height = floor_size(request.height or default_size[1])
-    seed = resolve_seed(generator_seed, request.seed)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    scheduler = make_sampler(request.sampler or sampler_name, family.v_parameterization, zero_terminal_snr)
-    scheduler.set_timesteps(request.steps, device=device)
-    sdxl_size_ids = getattr(unet.config, "addition_embed_type", None) == "text_time"
-    logger.debug("sampling %dx%d, seed %d, %d steps, %s: %s", width, height, seed, request.steps,
-                 type(scheduler).__name__, request.prompt)
-    with eval_mode(unet, vae, *caption_encoder.text_encoders), _autocast(device, dtype):
-        conds = encode_guidance_conds(caption_encoder, request.prompt, request.negative_prompt,
-                                      guided=uses_guidance(request.scale), size_hw=(height, width),
-                                      sdxl_size_ids=sdxl_size_ids, device=device, dtype=dtype)
-        latents = initial_latents(generator, unet.config.in_channels, (height, width), vae_downscale(vae),
-                                  scheduler.init_noise_sigma, device)
-        latents = denoise(unet, scheduler, latents, conds, request.scale, generator=generator, dtype=dtype,
-                          show_progress=show_progress)
-    return decode_latents(vae, latents, family.vae_scale_factor)
+    job = ImageJob(prompt=request.prompt, negative_prompt=request.negative_prompt,
+                   seed=resolve_seed(generator_seed, request.seed),
+                   width=floor_size(request.width or default_size[0]),
+                   height=floor_size(request.height or default_size[1]), steps=request.steps, scale=request.scale,
+                   sampler=request.sampler or sampler_name)
+    settings = RenderSettings(device=torch.device(device), dtype=dtype, v_parameterization=family.v_parameterization,
+                              zero_terminal_snr=zero_terminal_snr, show_progress=show_progress)
+    return generate_batch([job], unet=unet, vae=vae, caption_encoder=caption_encoder,
+                          vae_scale_factor=family.vae_scale_factor, settings=settings)[0]

@@ -54,58 +54,112 @@ def clamp_steps(steps: int) -> int:
     return max(1, min(MAX_STEPS, steps))
 
 
-def _whole_number(text: str) -> int:
+class OptionValueError(ValueError):
+    """Raised by an option parser whose message needs more than "expected X, got 'text'": `got` replaces the raw
+    text in the message and `hint` (e.g. the nearest valid value) is appended."""
+
+    def __init__(self, got: Any, hint: str | None = None):
+        super().__init__(got)
+        self.got, self.hint = got, hint
+
+
+@dataclass(frozen=True)
+class LineOption:
+    """One " --name value" option of a prompt line: the field it sets, the parser of its text (raises ValueError),
+    what the user should have written, and optionally a hint for a bad value (e.g. the nearest valid name)."""
+
+    field: str
+    parse: Callable[[str], Any]
+    expected: str
+    hint: Callable[[str], str | None] | None = None
+
+
+def split_prompt_line(line: str) -> tuple[str, list[tuple[str, str]]]:
+    """The prompt text and its (lower-case option name, raw value) pairs; kohya splits on " --" and matches names
+    case-insensitively (COMPAT §12)."""
+    text, *options = line.strip().split(" --")
+    pairs = []
+    for option in options:
+        name, _, raw_value = option.strip().partition(" ")
+        pairs.append((name.lower(), raw_value))
+    return text.strip(), pairs
+
+
+def parse_line_options(line: str, source: str, known: dict[str, LineOption],
+                       on_unknown: Callable[[str, str], None]) -> tuple[str, dict[str, Any]]:
+    """The prompt text and {field: parsed value} of one prompt line; `on_unknown(source, name)` decides what an
+    option not in `known` does (warn or raise).
+
+    Raises:
+        ConfigError: a value its option cannot take (names `source`, the option and what was expected).
+    """
+    text, pairs = split_prompt_line(line)
+    values: dict[str, Any] = {}
+    for name, raw_value in pairs:
+        option = known.get(name)
+        if option is None:
+            on_unknown(source, name)
+            continue
+        try:
+            values[option.field] = option.parse(raw_value)
+        except OptionValueError as error:
+            raise ConfigError(source, f"--{name}", option.expected, got=error.got, hint=error.hint) from None
+        except ValueError:
+            hint = option.hint(raw_value) if option.hint else None
+            raise ConfigError(source, f"--{name}", option.expected, got=raw_value.strip(), hint=hint) from None
+    return text, values
+
+
+def whole_number(text: str) -> int:
+    """The integer a prompt option holds (ValueError if it is not one)."""
     return int(text.strip())
 
 
-def _seed(text: str) -> int:
+def seed_number(text: str) -> int:
+    """A seed >= 0 (ValueError otherwise)."""
     seed = int(text.strip())
     if seed < 0:
         raise ValueError(text)
     return seed
 
 
-def _sampler_name(text: str) -> str:
+def sampler_name(text: str) -> str:
+    """A sampler name in SAMPLER_NAMES, lower-cased (ValueError otherwise)."""
     name = text.strip().lower()
     if name not in SAMPLER_NAMES:
         raise ValueError(name)
     return name
 
 
-# option -> (SamplePrompt field, parser of its text, what the user should have written)
-_LINE_OPTIONS: dict[str, tuple[str, Callable[[str], Any], str]] = {
-    "n": ("negative_prompt", str.strip, "a negative prompt"),
-    "w": ("width", _whole_number, "a whole number of pixels"),
-    "h": ("height", _whole_number, "a whole number of pixels"),
-    "d": ("seed", _seed, "a whole-number seed >= 0"),
-    "s": ("steps", _whole_number, "a whole number of steps"),
-    "l": ("scale", float, "a number (CFG scale)"),
-    "ss": ("sampler", _sampler_name, "one of " + ", ".join(SAMPLER_NAMES)),
-    "cn": ("controlnet_image", str.strip, "an image path"),
+def nearest_sampler_hint(name: str) -> str | None:
+    """"did you mean X?" for the nearest sampler name, if any is near."""
+    nearest = difflib.get_close_matches(name.strip().lower(), SAMPLER_NAMES, n=1)
+    return f"did you mean {nearest[0]}?" if nearest else None
+
+
+SAMPLER_EXPECTED = "one of " + ", ".join(SAMPLER_NAMES)
+
+_LINE_OPTIONS: dict[str, LineOption] = {
+    "n": LineOption("negative_prompt", str.strip, "a negative prompt"),
+    "w": LineOption("width", whole_number, "a whole number of pixels"),
+    "h": LineOption("height", whole_number, "a whole number of pixels"),
+    "d": LineOption("seed", seed_number, "a whole-number seed >= 0"),
+    "s": LineOption("steps", whole_number, "a whole number of steps"),
+    "l": LineOption("scale", float, "a number (CFG scale)"),
+    "ss": LineOption("sampler", sampler_name, SAMPLER_EXPECTED, nearest_sampler_hint),
+    "cn": LineOption("controlnet_image", str.strip, "an image path"),
 }
 
 
 def parse_prompt_line(line: str, source: str = "") -> SamplePrompt:
     """Parse one kohya prompt line: the prompt, then options separated by " --" (case-insensitive names).
+    Unknown options are ignored with a warning, as kohya's trainer does.
 
     Raises:
         ConfigError: an option value that is not what the option takes (names `source`, the option and why).
     """
-    text, *options = line.strip().split(" --")
-    values: dict[str, Any] = {}
-    for option in options:
-        name, _, raw_value = option.strip().partition(" ")
-        name = name.lower()
-        if name not in _LINE_OPTIONS:
-            _warn_unknown_option(source, name)
-            continue
-        field_name, parse, expected = _LINE_OPTIONS[name]
-        try:
-            values[field_name] = parse(raw_value)
-        except ValueError:
-            raise ConfigError(source, f"--{name}", expected, got=raw_value.strip(),
-                              hint=_nearest_sampler_hint(raw_value) if name == "ss" else None) from None
-    return _checked_prompt(text.strip(), values, source)
+    text, values = parse_line_options(line, source, _LINE_OPTIONS, _warn_unknown_option)
+    return _checked_prompt(text, values, source)
 
 
 def _warn_unknown_option(source: str, name: str) -> None:
@@ -115,11 +169,6 @@ def _warn_unknown_option(source: str, name: str) -> None:
     nearest = difflib.get_close_matches(name, list(_LINE_OPTIONS), n=1)
     hint = f" (did you mean --{nearest[0]}?)" if nearest else ""
     logger.warning("%s: unknown prompt option --%s ignored%s", source, name, hint)
-
-
-def _nearest_sampler_hint(name: str) -> str | None:
-    nearest = difflib.get_close_matches(name.strip().lower(), SAMPLER_NAMES, n=1)
-    return f"did you mean {nearest[0]}?" if nearest else None
 
 
 def _checked_prompt(text: str, values: dict[str, Any], source: str) -> SamplePrompt:
@@ -151,7 +200,7 @@ _DICT_KEYS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "sample_steps": ("steps", _is_int, "a whole number of steps"),
     "scale": ("scale", _is_number, "a number (CFG scale)"),
     "sample_sampler": ("sampler", lambda value: isinstance(value, str) and value.lower() in SAMPLER_NAMES,
-                       "one of " + ", ".join(SAMPLER_NAMES)),
+                       SAMPLER_EXPECTED),
     "controlnet_image": ("controlnet_image", lambda value: isinstance(value, str), "an image path"),
 }
 
@@ -169,7 +218,7 @@ def prompt_from_dict(entry: dict[str, Any], file: str, where: str, key_paths: di
             continue
         field_name, is_valid, expected = _DICT_KEYS[key]
         if not is_valid(value):
-            hint = _nearest_sampler_hint(value) if key == "sample_sampler" and isinstance(value, str) else None
+            hint = nearest_sampler_hint(value) if key == "sample_sampler" and isinstance(value, str) else None
             raise ConfigError(file, key_path, expected, got=value, hint=hint)
         values[field_name] = value.lower() if key == "sample_sampler" else value
     if "prompt" not in values:

@@ -15,7 +15,7 @@ import torch
 
 from library.families import ModelFamily
 from library.text.encode import TextConds, encode_chunks, layer_for_clip_skip
-from library.text.prompt_weights import tokenize_weighted
+from library.text.prompt_weights import chunks_needed, tokenize_weighted
 from library.text.sdxl_cond import encode_sdxl
 from library.text.tokenize import tokenize_chunks
 
@@ -43,12 +43,26 @@ class CaptionEncoder:
         return [(tokenize_chunks(tokenizer, captions, self.max_token_length), None) for tokenizer in self.tokenizers]
 
     def encode(self, captions: list[str]) -> TextConds:
-        tokens = self.tokenize(captions)
+        """Conditioning as training computes it (`--max_token_length`, `--weighted_captions`, no re-normalising)."""
+        return self._encode_tokens(self.tokenize(captions), normalize_mean=False)
+
+    def encode_prompts(self, prompts: list[str], max_chunks: int) -> TextConds:
+        """Conditioning as the image generators compute it: always weighted prompts (A1111 syntax) with the mean
+        restored after weighting, in as many 75-token windows as the longest prompt needs, at most `max_chunks`
+        (`--max_embeddings_multiples`). All prompts of one call get the same window count."""
+        n_chunks = max(chunks_needed(tokenizer, prompts, max_chunks) for tokenizer in self.tokenizers)
+        tokens = [tokenize_weighted(tokenizer, prompts, n_chunks=n_chunks) for tokenizer in self.tokenizers]
+        return self._encode_tokens(tokens, normalize_mean=True)
+
+    def _encode_tokens(self, tokens: list[tuple[torch.Tensor, torch.Tensor | None]], normalize_mean: bool
+                       ) -> TextConds:
         if self.dual:
             (ids1, weights1), (ids2, weights2) = tokens
-            return encode_sdxl(self.text_encoders, ids1, ids2, weights_te1=weights1, weights_te2=weights2)
+            return encode_sdxl(self.text_encoders, ids1, ids2, weights_te1=weights1, weights_te2=weights2,
+                               normalize_mean=normalize_mean)
         ids, weights = tokens[0]
-        return encode_chunks(self.text_encoders[0], ids, layer=self.layer, final_layer_norm=True, weights=weights)
+        return encode_chunks(self.text_encoders[0], ids, layer=self.layer, final_layer_norm=True, weights=weights,
+                             normalize_mean=normalize_mean)
 
     def identity(self) -> list[str]:
         """What the outputs depend on besides the caption: tokenizers, encoder weights, settings."""

@@ -81,31 +81,49 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def tokenize_weighted(tokenizer, texts: list[str] | str,
-                      max_token_length: int | None = None) -> tuple[torch.LongTensor, torch.Tensor]:
+def weighted_tokens(tokenizer, text: str) -> tuple[list[int], list[float]]:
+    """The content token ids of one prompt (no BOS/EOS) and the weight of each, from `parse_prompt_attention`."""
+    pieces = parse_prompt_attention(text)
+    encoded = tokenizer([piece for piece, _ in pieces], add_special_tokens=False).input_ids
+    ids: list[int] = []
+    weights: list[float] = []
+    for piece_ids, (_, weight) in zip(encoded, pieces):
+        ids.extend(piece_ids)
+        weights.extend([weight] * len(piece_ids))
+    return ids, weights
+
+
+def chunks_needed(tokenizer, texts: list[str] | str, max_chunks: int) -> int:
+    """How many 75-token windows the longest prompt needs (at least 1, at most `max_chunks`): the generators
+    encode short prompts in one window even when long ones are allowed (`--max_embeddings_multiples`)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    longest = max((len(weighted_tokens(tokenizer, text)[0]) for text in texts), default=0)
+    return max(1, min(max_chunks, -(-longest // CHUNK_CONTENT)))
+
+
+def tokenize_weighted(tokenizer, texts: list[str] | str, max_token_length: int | None = None, *,
+                      n_chunks: int | None = None) -> tuple[torch.LongTensor, torch.Tensor]:
     """Token ids and per-token weights, both `[B, n, 77]`, for weighted captions.
 
     Each piece of `parse_prompt_attention` is tokenized without BOS/EOS and its weight copied to its tokens;
     the tokens are cut to the budget of 75n (with a warning), wrapped as BOS + tokens + EOS + padding with
     weight 1.0 on those, and split into windows with the same EOS/PAD fix-ups as `tokenize_chunks`.
+    n is `--max_token_length` / 75, or `n_chunks` when given (the generators choose any count).
     """
-    n_chunks = chunk_count(max_token_length)
+    if n_chunks is None:
+        n_chunks = chunk_count(max_token_length)
     if isinstance(texts, str):
         texts = [texts]
     budget = CHUNK_CONTENT * n_chunks
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     all_ids, all_weights = [], []
     for text in texts:
-        pieces = parse_prompt_attention(text)
-        encoded = tokenizer([piece for piece, _ in pieces], add_special_tokens=False).input_ids
-        ids: list[int] = []
-        weights: list[float] = []
-        for piece_ids, (_, weight) in zip(encoded, pieces):
-            ids.extend(piece_ids)
-            weights.extend([weight] * len(piece_ids))
+        ids, weights = weighted_tokens(tokenizer, text)
         if len(ids) > budget:
-            logger.warning("prompt truncated to %d tokens (it has %d; raise --max_token_length up to 225 or "
-                           "shorten it): %.80s", budget, len(ids), text)
+            logger.warning("prompt truncated to %d tokens (it has %d; allow more with --max_token_length (training, "
+                           "up to 225) or --max_embeddings_multiples (generation), or shorten it): %.80s",
+                           budget, len(ids), text)
             ids, weights = ids[:budget], weights[:budget]
         padding = budget - len(ids)
         all_ids.append([bos, *ids, eos] + [pad] * padding)

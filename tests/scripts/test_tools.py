@@ -50,7 +50,7 @@ def test_convert_overwrite_replaces_existing_output(tmp_path, tiny_models):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out.safetensors"]  # no temp files left
 
 
-def test_demo_trains_a_lora_samples_and_reports_where_everything_is(tmp_path, capsys):
+def test_demo_trains_a_lora_samples_generates_with_it_and_reports_where_everything_is(tmp_path, capsys):
     demo.main(["--output_dir", str(tmp_path), "--steps", "4"])
     out = capsys.readouterr().out
     assert "training: accelerate launch sdxl_train_network.py --pretrained_model_name_or_path" in out
@@ -62,6 +62,14 @@ def test_demo_trains_a_lora_samples_and_reports_where_everything_is(tmp_path, ca
     assert f"samples      : 6 images in {run_dir / 'lora' / 'sample'}" in out
     assert list((run_dir / "logs").rglob("events.out.tfevents.*"))
     assert "over 4 steps" in out
+    assert "generating: python sdxl_gen_img.py --ckpt" in out and "--network_weights" in out
+    generated = sorted((run_dir / "generated").glob("*.png"))
+    assert len(generated) == 4
+    assert f"generated    : 4 images with the LoRA in {run_dir / 'generated'}" in out
+    from PIL import Image
+
+    with Image.open(generated[0]) as image:
+        assert image.text["networks"].startswith("tkshape.safetensors:") and image.size == (64, 64)
 
 
 @pytest.mark.parametrize("script", ["tools/make_tiny_model.py", "tools/convert_diffusers20_original_sd.py"])

@@ -1,0 +1,1 @@
+"""Image generation (gen_img.py, sdxl_gen_img.py): networks, output files and their PNG metadata."""
