@@ -113,7 +113,7 @@ def load_session(args: argparse.Namespace, specs: list[NetworkSpec], expected_fa
     from library.train.network_module import check_network_weights_family
     from library.text.tokenize import load_tokenizers
 
-    family = detect_family(args.ckpt, args.v_parameterization, args.v2, expected_families)
+    family = detect_family(args.ckpt, args.v_parameterization, args.v2, expected_families, flag="--ckpt")
     for spec in specs:  # keys only: a wrong-family LoRA is refused before the model is read
         check_network_weights_family(spec.weights, family.name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -76,11 +76,12 @@ def check_family(family: ModelFamily, v2: bool | None, expected_families: tuple[
 
 
 def detect_family(path: str | os.PathLike, v_parameterization: bool = False, v2: bool | None = None,
-                  expected_families: tuple[str, ...] | None = None) -> ModelFamily:
+                  expected_families: tuple[str, ...] | None = None,
+                  flag: str = "--pretrained_model_name_or_path") -> ModelFamily:
     """The family of a checkpoint file or diffusers folder without building any model (reads keys/configs only)."""
     path = Path(path)
     if not path.exists():
-        raise ModelFormatError(path, "model not found (--pretrained_model_name_or_path)")
+        raise ModelFormatError(path, f"model not found ({flag})")
     if path.is_dir():
         if not (path / "unet" / "config.json").exists():
             raise ModelFormatError(path, "is a folder without unet/config.json; expected a diffusers pipeline folder "
