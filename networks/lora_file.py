@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from library.errors import ModelFormatError, UserInputError
+from library.errors import FlagError, ModelFormatError, UserInputError
 from library.models.state_dict_io import TensorFile, write_state_dict
 from networks import naming
 from networks.lora import lora_weight_delta, safetensors_hashes
@@ -22,7 +22,10 @@ logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
-DYLORA_MARKER = "ss_network_module"
+FAMILY_WORDS = {"sdxl": "an SDXL LoRA", "sd1-or-sd2": "an SD1.x/SD2.x LoRA"}
+# metadata naming the base model; a tool combining LoRAs keeps it when every input agrees (A1111 reads it, COMPAT §1.8)
+BASE_MODEL_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation",
+                   "modelspec.prediction_type")
 
 
 @dataclass
@@ -217,3 +220,31 @@ def pair_from_factors(up: torch.Tensor, down: torch.Tensor, weight_shape: tuple[
         down = down.reshape(rank, in_channels, kernel_h, kernel_w)
         up = up.reshape(out_channels, rank, 1, 1)
     return LoRAPair(down.contiguous(), up.contiguous(), alpha)
+
+
+# ----------------------------------------------------------------------------------------------- checks shared by tools
+
+
+def check_ratios(models: Sequence[str], ratios: Sequence[float] | None) -> list[float]:
+    """`--ratios`: one per `--models` file (default 1.0 each)."""
+    if ratios is None:
+        return [1.0] * len(models)
+    if len(ratios) != len(models):
+        raise FlagError(f"--ratios: expected one ratio per model ({len(models)} for --models), got {len(ratios)}")
+    return list(ratios)
+
+
+def check_one_family(loras: Sequence[LoRAFile], sdxl_only: bool = False) -> None:
+    """SD1/SD2 and SDXL LoRAs cannot be combined (the error names one file of each); with `sdxl_only` (the sdxl_
+    tools) an SD1/SD2 LoRA is refused."""
+    first_of_family: dict[str, LoRAFile] = {}
+    for lora_file in loras:
+        if lora_file.family_hint is not None:
+            first_of_family.setdefault(lora_file.family_hint, lora_file)
+    if len(first_of_family) > 1:
+        (family_a, file_a), (family_b, file_b) = list(first_of_family.items())[:2]
+        raise FlagError(f"--models: {file_a.path} is {FAMILY_WORDS[family_a]} but {file_b.path} is "
+                        f"{FAMILY_WORDS[family_b]}; merge LoRAs of one model family only")
+    if sdxl_only and "sd1-or-sd2" in first_of_family:
+        raise FlagError(f"--models: {first_of_family['sd1-or-sd2'].path} is an SD1.x/SD2.x LoRA; "
+                        "sdxl_merge_lora.py merges SDXL LoRAs, use networks/merge_lora.py")

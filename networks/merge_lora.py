@@ -41,16 +41,13 @@ from library.models.save import precision_dtype, save_model
 from library.train.network_module import check_network_weights_family
 from networks import lora as lora_network
 from networks import naming
-from networks.lora_file import LoRAFile, LoRAPair, network_dims, read_lora, write_lora
+from networks.lora_file import (BASE_MODEL_KEYS, LoRAFile, LoRAPair, check_one_family, check_ratios, network_dims,
+                                read_lora, write_lora)
 from networks.lora_rank import refuse_output_over_inputs, resolve_device
 
 logger = logging.getLogger(__name__)
 
 PRECISION_CHOICES = ("float", "fp16", "bf16")
-FAMILY_WORDS = {"sdxl": "an SDXL LoRA", "sd1-or-sd2": "an SD1.x/SD2.x LoRA"}
-# metadata naming the base model; kept in a merged LoRA when every input agrees (A1111 reads it, COMPAT §1.8)
-BASE_MODEL_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation",
-                   "modelspec.prediction_type")
 SDXL_BLOCK_COUNT = naming.SDXL_SCHEME.block_count
 
 
@@ -84,12 +81,6 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------- flag checks
 
 
-def check_ratios(models: Sequence[str], ratios: Sequence[float] | None) -> list[float]:
-    if ratios is None:
-        return [1.0] * len(models)
-    if len(ratios) != len(models):
-        raise FlagError(f"--ratios: expected one ratio per model ({len(models)} for --models), got {len(ratios)}")
-    return list(ratios)
 
 
 def parse_block_weights(lbws: Sequence[str] | None, models: Sequence[str]) -> list[list[float]] | None:
@@ -122,19 +113,6 @@ def module_ratio(name: str, ratio: float, block_weights: list[float] | None) -> 
     return ratio * block_weights[block] if block >= 0 else ratio
 
 
-def check_one_family(loras: Sequence[LoRAFile], sdxl_only: bool) -> None:
-    """SD1/SD2 and SDXL LoRAs cannot be combined; sdxl_merge_lora takes SDXL LoRAs only."""
-    first_of_family: dict[str, LoRAFile] = {}
-    for lora_file in loras:
-        if lora_file.family_hint is not None:
-            first_of_family.setdefault(lora_file.family_hint, lora_file)
-    if len(first_of_family) > 1:
-        (family_a, file_a), (family_b, file_b) = list(first_of_family.items())[:2]
-        raise FlagError(f"--models: {file_a.path} is {FAMILY_WORDS[family_a]} but {file_b.path} is "
-                        f"{FAMILY_WORDS[family_b]}; merge LoRAs of one model family only")
-    if sdxl_only and "sd1-or-sd2" in first_of_family:
-        raise FlagError(f"--models: {first_of_family['sd1-or-sd2'].path} is an SD1.x/SD2.x LoRA; "
-                        "sdxl_merge_lora.py merges SDXL LoRAs, use networks/merge_lora.py")
 
 
 # ----------------------------------------------------------------------------------------------- into a checkpoint

@@ -22,9 +22,10 @@ import torch
 from tqdm import tqdm
 
 from library.cli import run_cli
-from library.errors import FlagError, ModelFormatError
+from library.errors import ModelFormatError
 from library.models.save import precision_dtype
-from networks.lora_file import LoRAFile, LoRAPair, network_dims, read_lora, write_lora
+from networks.lora_file import (BASE_MODEL_KEYS, LoRAFile, LoRAPair, check_one_family, check_ratios, network_dims,
+                                read_lora, write_lora)
 from networks.lora_rank import (
     LowRankDelta,
     Refactored,
@@ -36,10 +37,6 @@ from networks.lora_rank import (
 
 logger = logging.getLogger(__name__)
 
-FAMILY_WORDS = {"sdxl": "an SDXL LoRA", "sd1-or-sd2": "an SD1.x/SD2.x LoRA"}
-# metadata that says which base model the LoRA is for; kept when every input agrees (A1111 reads it, COMPAT §1.8)
-BASE_MODEL_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation",
-                   "modelspec.prediction_type")
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -59,24 +56,8 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_ratios(models: list[str], ratios: list[float] | None) -> list[float]:
-    if ratios is None:
-        return [1.0] * len(models)
-    if len(ratios) != len(models):
-        raise FlagError(f"--ratios: expected one ratio per model ({len(models)} for --models), got {len(ratios)}")
-    return list(ratios)
 
 
-def check_one_family(loras: list[LoRAFile]) -> None:
-    """SD1/SD2 and SDXL LoRAs cannot be summed; the error names one file of each family."""
-    first_of_family: dict[str, LoRAFile] = {}
-    for lora in loras:
-        if lora.family_hint is not None:
-            first_of_family.setdefault(lora.family_hint, lora)
-    if len(first_of_family) > 1:
-        (family_a, file_a), (family_b, file_b) = list(first_of_family.items())[:2]
-        raise FlagError(f"--models: {file_a.path} is {FAMILY_WORDS[family_a]} but {file_b.path} is "
-                        f"{FAMILY_WORDS[family_b]}; merge LoRAs of one model family only")
 
 
 def summed_deltas(loras: list[LoRAFile], ratios: list[float], dtype: torch.dtype) -> dict[str, LowRankDelta]:
