@@ -86,7 +86,8 @@ def refuse_lora_file(path: str, flag: str) -> None:
         return
     source = TensorFile(path)
     try:
-        is_lora = any(key.endswith(".lora_down.weight") for key in source.keys())
+        keys = source.keys()
+        is_lora = any(key.endswith(".lora_down.weight") for key in keys)
     finally:
         source.close()
     if is_lora:
@@ -103,11 +104,11 @@ def check_families(args: argparse.Namespace) -> ModelFamily:
         families[flag] = detect_family(path, args.v_parameterization, args.v2 or None, flag=flag)
     org, tuned = families["--model_org"], families["--model_tuned"]
     if org.name != tuned.name:
-        raise ModelFormatError(args.model_tuned, f"is a {describe_family(tuned)} model but --model_org "
+        raise ModelFormatError(args.model_tuned, f"is an {describe_family(tuned)} model but --model_org "
                                                  f"{args.model_org} is {describe_family(org)}; "
                                                  "both models must be of the same family")
     if args.sdxl and org.name != "sdxl":
-        raise FlagError(f"--sdxl was given but {args.model_org} is a {describe_family(org)} model; remove --sdxl "
+        raise FlagError(f"--sdxl was given but {args.model_org} is an {describe_family(org)} model; remove --sdxl "
                         "(the family is detected from the file)")
     return org
 

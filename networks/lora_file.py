@@ -189,22 +189,15 @@ def as_matrix(delta: torch.Tensor) -> torch.Tensor:
     return delta.reshape(delta.shape[0], -1)
 
 
-def svd_factorize(matrix: torch.Tensor, rank: int, clamp_quantile: float | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_factorize(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-`rank` factors of `[..., out, in]` matrices (a leading batch dim runs all SVDs in one call):
     returns (up `[..., out, r]`, down `[..., r, in]`, all singular values `[..., min(out, in)]`), up @ down ≈ M.
-
-    The singular values are split evenly (√S on each side); `clamp_quantile` clips the factors' entries to that
-    quantile of their magnitudes (kohya's extract tool, to tame outliers).
-    """
+    The singular values are split evenly (√S on each side)."""
     u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
     rank = min(rank, s.shape[-1])
     root = s[..., :rank].sqrt()
     up = u[..., :, :rank] * root.unsqueeze(-2)
     down = root.unsqueeze(-1) * vh[..., :rank, :]
-    if clamp_quantile is not None and clamp_quantile < 1.0:
-        limit = torch.quantile(torch.cat([up.flatten(), down.flatten()]).abs(), clamp_quantile)
-        up, down = up.clamp(-limit, limit), down.clamp(-limit, limit)
     return up, down, s
 
 

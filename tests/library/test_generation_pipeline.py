@@ -8,8 +8,15 @@ import torch
 from PIL import Image
 
 from library.sampling import img2img
-from library.sampling.pipeline import (ImageJob, RenderSettings, SizeConditioning, decode_latents,
-                                       encode_guidance_conds, generate_batch, rescale_guidance)
+from library.sampling.pipeline import (
+    ImageJob,
+    RenderSettings,
+    SizeConditioning,
+    decode_latents,
+    encode_guidance_conds,
+    generate_batch,
+    rescale_guidance,
+)
 from library.sampling.samplers import SAMPLER_NAMES
 from library.text.encode import encode_chunks
 from library.text.prompt_weights import tokenize_weighted

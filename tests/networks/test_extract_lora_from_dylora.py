@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from networks import dylora, extract_lora_from_dylora
 from networks.lora import lora_weight_delta, safetensors_hashes
 from networks.lora_file import read_lora
+from tests.cli_helpers import run_error
 from tests.networks.test_dylora import randomize_units
 from tests.networks.test_lora import text_encoder_arg
-from tests.networks.test_resize_lora import run_error
 
 
 @pytest.fixture(scope="module")

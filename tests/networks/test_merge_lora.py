@@ -12,6 +12,7 @@ from library.models.load import load_target_model
 from library.models.state_dict_io import read_state_dict
 from networks import lora, merge_lora, sdxl_merge_lora
 from networks.lora_file import read_lora
+from tests.cli_helpers import run_error
 from tests.networks.test_lora import (
     assert_outputs_close,
     fresh_copy,
@@ -36,16 +37,6 @@ def save_lora(tiny_models, path, family="sd1", dim=4, alpha=2.0, seed=1, conv=Tr
     network.save_weights(path, None, dict(METADATA))
     return path
 
-
-def run_error(main, argv, capsys) -> str:
-    from library.cli import run_cli
-
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1
-    return error
 
 
 def networks_by_name(bundle, lora_path):

@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from library.cli import run_cli
 from networks import dylora, resize_lora
 from networks.lora import safetensors_hashes
 from networks.lora_file import LoRAPair, read_lora, write_lora
+from tests.cli_helpers import run_error
 from tests.networks.test_dylora import randomize_units
 from tests.networks.test_lora import make_network, randomize_up_weights, text_encoder_arg
 
@@ -35,15 +35,6 @@ def save_tiny_lora(tiny_models, path, family="sd1", dim=4, alpha=2.0, seed=1, me
     network.save_weights(path, None, dict(TRAINING_METADATA if metadata is None else metadata))
     return path
 
-
-def run_error(main, argv, capsys) -> str:
-    """Run a tool as its command line does; return the one error line (exit code 2 asserted)."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1
-    return error
 
 
 def best_rank_approximation(delta: torch.Tensor, rank: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from networks import svd_merge_lora
 from networks.lora import safetensors_hashes
 from networks.lora_file import read_lora, write_lora
-from tests.networks.test_resize_lora import assert_close_float32, run_error, save_tiny_lora
+from tests.cli_helpers import run_error
+from tests.networks.test_resize_lora import assert_close_float32, save_tiny_lora
 
 
 @pytest.fixture(scope="module")

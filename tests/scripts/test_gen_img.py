@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import gen_img
 import sdxl_gen_img
-from library.cli import run_cli
+from tests.cli_helpers import run_error
 
 FAST = ["--steps", "2", "--W", "64", "--H", "64", "--sampler", "euler_a", "--scale", "5"]
 
@@ -26,14 +26,6 @@ def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB")).astype(int)
 
-
-def cli_error(capsys, main, argv: list[str]) -> str:
-    """Run a script as the console would; returns the one error line (exit code 2 is asserted)."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
-    return lines[-1]
 
 
 def make_lora_file(tiny_models, family: str, path: Path, seed: int = 1, module: str = "networks.lora",
@@ -235,24 +227,25 @@ def test_interactive_prompts_from_the_console(sd1_model, tmp_path, monkeypatch):
 
 
 def test_sd1_lora_on_sdxl_is_refused_naming_the_file(tiny_models, sd1_lora, tmp_path, capsys):
-    line = cli_error(capsys, sdxl_gen_img.main, ["--ckpt", str(tiny_models.path("sdxl")), "--outdir",
-                                                 str(tmp_path), "--prompt", "x", "--network_weights", str(sd1_lora)])
+    argv = ["--ckpt", str(tiny_models.path("sdxl")), "--outdir", str(tmp_path), "--prompt", "x",
+            "--network_weights", str(sd1_lora)]
+    line = run_error(sdxl_gen_img.main, argv, capsys)
     assert line.startswith("error: --network_weights") and str(sd1_lora) in line and "SDXL" in line
 
 
 def test_embedding_of_the_wrong_width_is_refused(sd1_model, tmp_path, capsys):
     embedding = tmp_path / "wide.safetensors"
     save_file({"emb_params": torch.zeros(1, 1280)}, str(embedding))
-    line = cli_error(capsys, gen_img.main, ["--ckpt", str(sd1_model), "--outdir", str(tmp_path / "o"), "--prompt",
-                                            "x", "--textual_inversion_embeddings", str(embedding)])
+    line = run_error(gen_img.main, ["--ckpt", str(sd1_model), "--outdir", str(tmp_path / "o"), "--prompt",
+                                            "x", "--textual_inversion_embeddings", str(embedding)], capsys)
     assert str(embedding) in line and "1280" in line
 
 
 def test_sdxl_embedding_on_sd1_is_refused(sd1_model, tmp_path, capsys):
     embedding = tmp_path / "xl.safetensors"
     save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(embedding))
-    line = cli_error(capsys, gen_img.main, ["--ckpt", str(sd1_model), "--outdir", str(tmp_path / "o"), "--prompt",
-                                            "x", "--textual_inversion_embeddings", str(embedding)])
+    line = run_error(gen_img.main, ["--ckpt", str(sd1_model), "--outdir", str(tmp_path / "o"), "--prompt",
+                                            "x", "--textual_inversion_embeddings", str(embedding)], capsys)
     assert str(embedding) in line and "clip_l" in line
 
 
@@ -279,15 +272,15 @@ def test_bad_input_is_one_line_with_exit_code_2_before_the_model_loads(sd1_model
         raise AssertionError("the model was loaded before the bad input was found")
 
     monkeypatch.setattr("library.models.load.load_target_model", no_loading)
-    line = cli_error(capsys, gen_img.main, ["--ckpt", str(sd1_model), "--outdir", str(tmp_path / "o"), *argv])
+    line = run_error(gen_img.main, ["--ckpt", str(sd1_model), "--outdir", str(tmp_path / "o"), *argv], capsys)
     assert expected in line
 
 
 def test_malformed_prompt_file_line_names_the_file_and_line(sd1_model, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog --s many\n", encoding="utf-8")
-    line = cli_error(capsys, gen_img.main, ["--ckpt", str(sd1_model), "--outdir", str(tmp_path / "o"),
-                                            "--from_file", str(prompts)])
+    line = run_error(gen_img.main, ["--ckpt", str(sd1_model), "--outdir", str(tmp_path / "o"),
+                                            "--from_file", str(prompts)], capsys)
     assert f"{prompts}:2" in line and "--s" in line
     assert not (tmp_path / "o").exists()
 

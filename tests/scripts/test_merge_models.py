@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from library.cli import run_cli
 from library.families import UNET_PREFIX
 from library.models.state_dict_io import read_state_dict, write_state_dict
+from tests.cli_helpers import run_error
 from tools import merge_models
 
 
@@ -23,14 +23,6 @@ def two_checkpoints(tiny_models, tmp_path):
     write_state_dict(second, shifted)
     return first, second
 
-
-def run_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(merge_models.main, argv)
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1
-    return error
 
 
 def test_weighted_merge_is_ratio_sum_per_tensor(two_checkpoints, tmp_path):
@@ -67,13 +59,14 @@ def test_unet_only_keeps_first_text_encoder_and_vae(two_checkpoints, tmp_path):
 def test_refusals(two_checkpoints, tiny_models, tmp_path, capsys):
     first, second = two_checkpoints
     out = tmp_path / "out.safetensors"
-    error = run_error(["--models", str(first), str(second), "--ratios", "1", "--output", str(out)], capsys)
+    argv = ["--models", str(first), str(second), "--ratios", "1", "--output", str(out)]
+    error = run_error(merge_models.main, argv, capsys)
     assert error == "error: --ratios: expected one ratio per model (2 for --models), got 1"
     xl = tiny_models.path("sdxl")
-    error = run_error(["--models", str(first), str(xl), "--output", str(out)], capsys)
+    error = run_error(merge_models.main, ["--models", str(first), str(xl), "--output", str(out)], capsys)
     assert error == f"error: --models: {first} is SD1.x but {xl} is SDXL; merge checkpoints of one model family only"
     content = second.read_bytes()
-    error = run_error(["--models", str(first), str(second), "--output", str(second)], capsys)
+    error = run_error(merge_models.main, ["--models", str(first), str(second), "--output", str(second)], capsys)
     assert error == (f"error: --output {second} is also an input (--models); choose another output file so the "
                      "input stays unchanged")
     assert second.read_bytes() == content

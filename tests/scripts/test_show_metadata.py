@@ -1,0 +1,71 @@
+"""tools/show_metadata.py: golden output of a small file, JSON values shortened unless --full, --json parses,
+no-metadata files, and non-safetensors input refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from library.cli import run_cli
+from tools import show_metadata
+
+TAGS = {"1_style": {"red": 3, "blue": 1}}
+
+
+@pytest.fixture()
+def small_file(tmp_path):
+    path = tmp_path / "small.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={
+        "ss_network_dim": "4", "ss_v2": "False", "ss_tag_frequency": json.dumps(TAGS),
+        "modelspec.title": "style"})
+    return path
+
+
+def test_golden_output(small_file, capsys):
+    show_metadata.main([str(small_file)])
+    assert capsys.readouterr().out == "\n".join([
+        f"{small_file}: 4 metadata keys",
+        "modelspec.title: style",
+        "ss_network_dim: 4",
+        "ss_tag_frequency:",
+        "  {",
+        '    "1_style": {',
+        '      "blue": 1,',
+        '      "red": 3',
+        "    }",
+        "  }",
+        "ss_v2: False",
+    ]) + "\n"
+
+
+def test_long_json_values_are_shortened_unless_full(small_file, capsys):
+    show_metadata.main([str(small_file), "--max_lines", "2"])
+    shortened = capsys.readouterr().out.splitlines()
+    assert shortened[4:7] == ["  {", '    "1_style": {', "  ... (4 more lines; --full shows all)"]
+    show_metadata.main([str(small_file), "--max_lines", "2", "--full"])
+    assert len(capsys.readouterr().out.splitlines()) == 11
+
+
+def test_json_output_parses_with_decoded_values(small_file, capsys):
+    show_metadata.main(["--model", str(small_file), "--json"])
+    assert json.loads(capsys.readouterr().out) == {"modelspec.title": "style", "ss_network_dim": "4",
+                                                   "ss_tag_frequency": TAGS, "ss_v2": "False"}
+
+
+def test_a_file_without_metadata_says_so(tmp_path, capsys):
+    path = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path))
+    assert show_metadata.main([str(path)]) == {}
+    assert capsys.readouterr().out == f"{path}: no metadata\n"
+
+
+def test_a_ckpt_is_refused_with_one_line(tmp_path, capsys):
+    path = tmp_path / "model.ckpt"
+    torch.save({"w": torch.zeros(1)}, str(path))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(show_metadata.main, [str(path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {path}: is not a safetensors file (no valid header); only "
+                                       ".safetensors files carry metadata (.ckpt/.pt files have none)\n")
