@@ -79,6 +79,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                         f"{args.highres_fix_scale}")
     if args.clip_skip is not None and args.clip_skip < 1:
         raise FlagError(f"--clip_skip must be a positive integer (2 = penultimate layer), got {args.clip_skip}")
+    if args.highres_fix_scale is not None and args.image_path:
+        logger.warning("--highres_fix_scale applies to text-to-image; images from --image_path are rendered at "
+                       "their size without it")
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
         raise FlagError(f"--outdir {outdir}: is a file; expected a folder")
