@@ -38,7 +38,6 @@ from networks.lora_rank import (
 logger = logging.getLogger(__name__)
 
 
-
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, help="LoRA files to merge")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from library.options.value_types import fraction, positive_int
 from library.sampling.samplers import SAMPLER_NAMES
 
 DEFAULT_STEPS = 50
@@ -14,18 +15,6 @@ DEFAULT_HIGHRES_FIX_STRENGTH = 0.5
 DEFAULT_OUTDIR = "outputs"
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return number
-
-
-def _fraction(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}")
-    return number
 
 
 def _image_size(value: str) -> int:
@@ -72,15 +61,15 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
                        help="regenerate images from the settings stored in PNGs written by this tool")
     group.add_argument("--interactive", action="store_true", help="read prompts from the console, one per line")
     group.add_argument("--shuffle_prompts", action="store_true", help="shuffle the prompts of --from_file")
-    group.add_argument("--images_per_prompt", type=_positive_int, default=1, help="images per prompt (default 1)")
-    group.add_argument("--n_iter", type=_positive_int, default=1, help="repeat all prompts this many times")
-    group.add_argument("--batch_size", type=_positive_int, default=1,
+    group.add_argument("--images_per_prompt", type=positive_int, default=1, help="images per prompt (default 1)")
+    group.add_argument("--n_iter", type=positive_int, default=1, help="repeat all prompts this many times")
+    group.add_argument("--batch_size", type=positive_int, default=1,
                        help="images rendered together (same size, steps and scale)")
     group.add_argument("--seed", type=_seed, default=None,
                        help="seed; the image seeds are drawn from it (one image: this seed itself); default random")
     group.add_argument("--iter_same_seed", action="store_true",
                        help="without --seed: all images of one --n_iter iteration use the same random seed")
-    group.add_argument("--max_embeddings_multiples", type=_positive_int, default=None,
+    group.add_argument("--max_embeddings_multiples", type=positive_int, default=None,
                        help="allow prompts of up to 75 × N tokens (encoded in 75-token chunks); default 1 (75 tokens)")
     group.add_argument("--clip_skip", type=int, default=None,
                        help="use the output of the k-th last text-encoder layer (2 = penultimate); SD1.x")
@@ -90,13 +79,13 @@ def add_image_arguments(parser: argparse.ArgumentParser, *, default_size_help: s
     group = parser.add_argument_group("image and sampling")
     group.add_argument("--W", type=_image_size, default=None, help=f"image width ({default_size_help})")
     group.add_argument("--H", type=_image_size, default=None, help=f"image height ({default_size_help})")
-    group.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+    group.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
                        help=f"denoising steps (default {DEFAULT_STEPS})")
     group.add_argument("--sampler", type=str.lower, default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES,
                        help=f"sampler (default {DEFAULT_SAMPLER})")
     group.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                        help=f"classifier-free guidance scale (default {DEFAULT_SCALE}; 1 or less: no negative pass)")
-    group.add_argument("--guidance_rescale", type=_fraction, default=0.0,
+    group.add_argument("--guidance_rescale", type=fraction, default=0.0,
                        help="rescale the guided prediction toward the positive one's std (0..1, 0.7 is common with "
                             "zero-terminal-SNR models)")
     sizes = group.add_argument_group("SDXL size conditioning (default: the image size, crop 0)")
@@ -114,16 +103,16 @@ def add_img2img_arguments(parser: argparse.ArgumentParser) -> None:
                        help="init image, or a folder of them (used in turn): image-to-image")
     group.add_argument("--mask_path", type=str, default=None,
                        help="inpainting mask (or folder), white = repaint, black = keep; needs --image_path")
-    group.add_argument("--strength", type=_fraction, default=None,
+    group.add_argument("--strength", type=fraction, default=None,
                        help=f"img2img strength: 0 returns the image, 1 ignores it (default {DEFAULT_STRENGTH})")
     group.add_argument("--use_original_file_name", action="store_true",
                        help="name outputs after their init image (img2img)")
     group.add_argument("--highres_fix_scale", type=float, default=None,
                        help="highres fix: render at this fraction of the size first (e.g. 0.5), then upscale and "
                             "refine with img2img")
-    group.add_argument("--highres_fix_steps", type=_positive_int, default=DEFAULT_HIGHRES_FIX_STEPS,
+    group.add_argument("--highres_fix_steps", type=positive_int, default=DEFAULT_HIGHRES_FIX_STEPS,
                        help=f"steps of the first highres-fix stage (default {DEFAULT_HIGHRES_FIX_STEPS})")
-    group.add_argument("--highres_fix_strength", type=_fraction, default=DEFAULT_HIGHRES_FIX_STRENGTH,
+    group.add_argument("--highres_fix_strength", type=fraction, default=DEFAULT_HIGHRES_FIX_STRENGTH,
                        help=f"img2img strength of the second stage (default {DEFAULT_HIGHRES_FIX_STRENGTH})")
     group.add_argument("--highres_fix_save_1st", action="store_true", help="also save the first-stage images")
 

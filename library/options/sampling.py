@@ -4,23 +4,18 @@ from __future__ import annotations
 import argparse
 import logging
 
+from library.options.value_types import positive_int
 from library.sampling.samplers import SAMPLER_NAMES
 
 logger = logging.getLogger(__name__)
 
 
-def _every_n(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return number
-
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sample images")
-    group.add_argument("--sample_every_n_steps", type=_every_n, default=None,
+    group.add_argument("--sample_every_n_steps", type=positive_int, default=None,
                        help="generate sample images every N optimizer steps (needs --sample_prompts)")
-    group.add_argument("--sample_every_n_epochs", type=_every_n, default=None,
+    group.add_argument("--sample_every_n_epochs", type=positive_int, default=None,
                        help="generate sample images every N epochs; wins over --sample_every_n_steps")
     group.add_argument("--sample_at_first", action="store_true",
                        help="also generate sample images before the first training step")

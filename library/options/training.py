@@ -5,6 +5,8 @@ import argparse
 
 import torch
 
+from library.options.value_types import positive_int
+
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -28,12 +30,6 @@ def vae_dtype(mixed_precision: str | None, no_half_vae: bool) -> torch.dtype:
     return torch.float32 if no_half_vae else weight_dtype(mixed_precision)
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return number
-
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a training run writes, and how often (kohya's flags, COMPAT §17)."""
@@ -42,15 +38,15 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output_name", type=str, default=None,
                        help="base name of the saved files (default: 'last' for the final file, 'epoch'/'at' for "
                             "intermediate ones, as kohya)")
-    group.add_argument("--save_every_n_epochs", type=_positive_int, default=None, help="save every N epochs")
-    group.add_argument("--save_every_n_steps", type=_positive_int, default=None, help="save every N optimizer steps")
-    group.add_argument("--save_last_n_epochs", type=_positive_int, default=None,
+    group.add_argument("--save_every_n_epochs", type=positive_int, default=None, help="save every N epochs")
+    group.add_argument("--save_every_n_steps", type=positive_int, default=None, help="save every N optimizer steps")
+    group.add_argument("--save_last_n_epochs", type=positive_int, default=None,
                        help="keep only the files of the last N epoch saves (older ones are deleted)")
-    group.add_argument("--save_last_n_epochs_state", type=_positive_int, default=None,
+    group.add_argument("--save_last_n_epochs_state", type=positive_int, default=None,
                        help="keep only the last N epoch states (default: --save_last_n_epochs)")
-    group.add_argument("--save_last_n_steps", type=_positive_int, default=None,
+    group.add_argument("--save_last_n_steps", type=positive_int, default=None,
                        help="keep only the step saves of the last N steps (older ones are deleted)")
-    group.add_argument("--save_last_n_steps_state", type=_positive_int, default=None,
+    group.add_argument("--save_last_n_steps_state", type=positive_int, default=None,
                        help="keep only the step states of the last N steps (default: --save_last_n_steps)")
     group.add_argument("--save_state", action="store_true",
                        help="with every save, also save the training state (optimizer, scheduler, RNG, data "
@@ -66,10 +62,10 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
     """Length of training, precision and memory/speed switches (kohya spelling and defaults)."""
     group = parser.add_argument_group("training loop")
-    group.add_argument("--max_train_steps", type=_positive_int, default=1600, help="optimizer steps (default 1600)")
-    group.add_argument("--max_train_epochs", type=_positive_int, default=None,
+    group.add_argument("--max_train_steps", type=positive_int, default=1600, help="optimizer steps (default 1600)")
+    group.add_argument("--max_train_epochs", type=positive_int, default=None,
                        help="train this many epochs (overrides --max_train_steps)")
-    group.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1,
+    group.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
                        help="batches whose gradients are summed before each optimizer step (default 1)")
     group.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute activations in the backward pass: much less memory, about 20%% slower")
@@ -96,11 +92,11 @@ def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
                        help="minutes before a distributed collective times out")
     group.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="accepted for kohya compatibility")
     group.add_argument("--ddp_static_graph", action="store_true", help="accepted for kohya compatibility")
-    group.add_argument("--max_validation_steps", type=_positive_int, default=None,
+    group.add_argument("--max_validation_steps", type=positive_int, default=None,
                        help="validation batches per validation run (default: all)")
-    group.add_argument("--validate_every_n_steps", type=_positive_int, default=None,
+    group.add_argument("--validate_every_n_steps", type=positive_int, default=None,
                        help="compute the validation loss every N steps (needs validation_split)")
-    group.add_argument("--validate_every_n_epochs", type=_positive_int, default=None,
+    group.add_argument("--validate_every_n_epochs", type=positive_int, default=None,
                        help="compute the validation loss every N epochs (default: every epoch with validation_split)")
 
 
