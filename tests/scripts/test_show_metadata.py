@@ -3,6 +3,7 @@ no-metadata files, and non-safetensors input refused."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,20 @@ def test_a_ckpt_is_refused_with_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (f"error: {path}: is not a safetensors file (no valid header); only "
                                        ".safetensors files carry metadata (.ckpt/.pt files have none)\n")
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("tools/show_metadata.py", ["--json", "--full"]),
+    ("networks/check_lora_weights.py", ["--json", "--show_all"]),
+    ("networks/extract_lora_from_models.py", ["--model_org", "--model_tuned", "--dim", "--conv_dim", "--clamp_quantile",
+                                              "--min_diff", "--device"]),
+])
+def test_lora_inspection_tools_explain_their_flags(script, flags):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("usage:")
+    for flag in flags:
+        assert flag in result.stdout
