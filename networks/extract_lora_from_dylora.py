@@ -23,6 +23,7 @@ from tqdm import tqdm
 from library.cli import run_cli
 from library.errors import FlagError
 from library.models.save import precision_dtype
+from library.options.output_file import add_overwrite_argument, refuse_existing_output
 from networks.lora_file import LoRAFile, LoRAPair, read_lora, write_lora
 from networks.lora_rank import positive_rank, refuse_output_over_inputs
 
@@ -40,6 +41,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         help="rank step to extract (default: the file's ss_network_args unit)")
     parser.add_argument("--save_precision", choices=["float", "fp16", "bf16"], default=None,
                         help="dtype of the saved tensors; default: the file's own")
+    add_overwrite_argument(parser)
     return parser
 
 
@@ -97,12 +99,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
                        lora.metadata["ss_network_module"], DYLORA_MODULE)
     ranks = ranks_to_extract(lora, args.unit)
     outputs = [output_path(args.save_to, rank) for rank in ranks]
-    for output in outputs:
+    for output in outputs:  # every name checked before the first file is written
         refuse_output_over_inputs(output, [args.model], "--model")
+        refuse_existing_output(output, args.overwrite, "--save_to")
     save_dtype = precision_dtype(args.save_precision)
     max_rank = max(lora.ranks())
     for rank, output in tqdm(list(zip(ranks, outputs)), desc="extracting", unit="file"):
-        write_lora(output, extract(lora, rank), extracted_metadata(lora.metadata, rank, max_rank), save_dtype)
+        write_lora(output, extract(lora, rank), extracted_metadata(lora.metadata, rank, max_rank), save_dtype,
+                   overwrite=args.overwrite)
         logger.info("saved %s (rank %d)", output, rank)
     return outputs
 

@@ -30,6 +30,7 @@ from library.families import ModelFamily
 from library.models.load import describe_family, detect_family, load_target_model
 from library.models.save import precision_dtype
 from library.models.state_dict_io import TensorFile
+from library.options.output_file import add_overwrite_argument, refuse_existing_output
 from library.train.metadata import modelspec_metadata
 from networks import lora as lora_network
 from networks.lora_file import LoRAPair, as_matrix, pair_from_factors, svd_factorize, write_lora
@@ -77,6 +78,7 @@ def setup_parser() -> argparse.ArgumentParser:
                         help="dtype the models are loaded in (fp16/bf16 halve the memory); default: the file's")
     parser.add_argument("--no_metadata", action="store_true",
                         help="write only kohya's minimum ss_* keys (no modelspec.* keys)")
+    add_overwrite_argument(parser)
     return parser
 
 
@@ -206,6 +208,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise FlagError(f"--min_diff {args.min_diff}: expected a number >= 0")
     refuse_output_over_inputs(args.save_to, [args.model_org], "--model_org")
     refuse_output_over_inputs(args.save_to, [args.model_tuned], "--model_tuned")
+    refuse_existing_output(args.save_to, args.overwrite, "--save_to")
 
 
 def main(argv: list[str] | None = None) -> dict[str, LoRAPair]:
@@ -222,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, LoRAPair]:
                                                  "or more; nothing to extract (lower --min_diff?)")
     modules = factorize_layers(layers, args.dim, args.conv_dim, args.clamp_quantile, device)
     metadata = extraction_metadata(family, args.dim, args.conv_dim, args.no_metadata)
-    write_lora(args.save_to, modules, metadata, precision_dtype(args.save_precision) or torch.float32)
+    write_lora(args.save_to, modules, metadata, precision_dtype(args.save_precision) or torch.float32,
+               overwrite=args.overwrite)
     logger.info("saved %s: %d modules", args.save_to, len(modules))
     return modules
 

@@ -168,18 +168,22 @@ def _number_text(value: float) -> str:
 
 
 def write_lora(path: str | os.PathLike, modules: Mapping[str, LoRAPair], metadata: Mapping[str, str] | None,
-               dtype: torch.dtype | None = None) -> Path:
-    """Write a LoRA atomically with kohya keys; `.safetensors` get `sshs_*` hashes over the `ss_*` metadata."""
+               dtype: torch.dtype | None = None, *, overwrite: bool = False) -> Path:
+    """Write a LoRA atomically with kohya keys; `.safetensors` get `sshs_*` hashes over the `ss_*` metadata.
+
+    Raises:
+        UserInputError: `path` exists and `overwrite` is False (tools check this earlier, naming their flag).
+    """
     path = Path(path)
     state = lora_state_dict(modules, dtype)
     metadata = {key: str(value) for key, value in (metadata or {}).items()}
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(state, metadata)
-        write_state_dict(path, state, metadata)
+        write_state_dict(path, state, metadata, overwrite=overwrite)
     else:
         from library.models.state_dict_io import atomic_output
 
-        with atomic_output(path) as temp:
+        with atomic_output(path, overwrite=overwrite) as temp:
             torch.save(state, str(temp))
     return path
 

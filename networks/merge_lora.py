@@ -38,6 +38,7 @@ from library.cli import run_cli
 from library.errors import FlagError, ModelFormatError
 from library.models.load import detect_family, load_target_model
 from library.models.save import precision_dtype, save_model
+from library.options.output_file import add_overwrite_argument, refuse_existing_output
 from library.train.network_module import check_network_weights_family
 from networks import lora as lora_network
 from networks import naming
@@ -69,6 +70,7 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--shuffle", action="store_true", help="LoRA merge: permute each module's rank dims")
     parser.add_argument("--no_metadata", action="store_true",
                         help="write only the minimal ss_* metadata (network module/dim/alpha)")
+    add_overwrite_argument(parser)
     if sdxl:
         parser.add_argument("--lbws", nargs="+", default=None,
                             help=f"block weights, one JSON list of {SDXL_BLOCK_COUNT} numbers per model, e.g. "
@@ -148,7 +150,8 @@ def merge_into_checkpoint(args: argparse.Namespace, ratios: list[float], block_w
         network.merge_to(text_encoder, bundle.unet, weights, device=device)
         logger.info("merged %s × %g", lora_file.path, ratio)
     metadata = None if args.no_metadata else {"ss_merged_from": ", ".join(Path(p).name for p in args.models)}
-    return save_model(bundle, args.save_to, precision=args.save_precision, overwrite=True, metadata=metadata)
+    return save_model(bundle, args.save_to, precision=args.save_precision, overwrite=args.overwrite,
+                      metadata=metadata)
 
 
 # ----------------------------------------------------------------------------------------------- into one LoRA
@@ -260,7 +263,8 @@ def merge_into_lora(args: argparse.Namespace, ratios: list[float], block_weights
     merged = merge_lora_modules(loras, ratios, args.concat, args.shuffle, block_weights)
     merged = {name: LoRAPair(pair.down.cpu(), pair.up.cpu(), pair.alpha) for name, pair in merged.items()}
     metadata = merged_lora_metadata(loras, merged, args.no_metadata)
-    write_lora(args.save_to, merged, metadata, precision_dtype(args.save_precision) or torch.float32)
+    write_lora(args.save_to, merged, metadata, precision_dtype(args.save_precision) or torch.float32,
+               overwrite=args.overwrite)
     logger.info("saved %s: %d modules, ss_network_dim %s", args.save_to, len(merged), metadata["ss_network_dim"])
     return merged
 
@@ -275,6 +279,7 @@ def main(argv: list[str] | None = None, sdxl: bool = False) -> Path | dict[str, 
     block_weights = parse_block_weights(getattr(args, "lbws", None), args.models)
     inputs = list(args.models) + ([args.sd_model] if args.sd_model else [])
     refuse_output_over_inputs(args.save_to, inputs, "--models/--sd_model")
+    refuse_existing_output(args.save_to, args.overwrite, "--save_to")
     if args.sd_model is None:
         return merge_into_lora(args, ratios, block_weights, sdxl)
     if args.concat or args.shuffle:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from library.cli import run_cli
 from library.errors import FlagError
 from library.models.save import precision_dtype
+from library.options.output_file import add_overwrite_argument, refuse_existing_output
 from networks.lora_file import LoRAFile, network_dims, read_lora, write_lora
 from networks.lora_rank import (
     DYNAMIC_METHODS,
@@ -56,6 +57,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dynamic_param", type=float, default=None,
                         help="sv_ratio: keep S >= max(S)/X; sv_fro / sv_cumulative: fraction (0-1] to keep")
     parser.add_argument("--verbose", action="store_true", help="print the rank and retained energy per module")
+    add_overwrite_argument(parser)
     return parser
 
 
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Refactored]:
     new_conv_rank = positive_rank("--new_conv_rank", args.new_conv_rank) or args.new_rank
     check_dynamic_flags(args.dynamic_method, args.dynamic_param)
     refuse_output_over_inputs(args.save_to, [args.model], "--model")
+    refuse_existing_output(args.save_to, args.overwrite, "--save_to")
     device = resolve_device(args.device)
     save_dtype = precision_dtype(args.save_precision) or torch.float32
 
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Refactored]:
         report(resized)
     metadata = resized_metadata(lora.metadata, resized, old_ranks, args.new_rank, new_conv_rank,
                                 args.dynamic_method, args.dynamic_param)
-    write_lora(args.save_to, {name: item.pair for name, item in resized.items()}, metadata, save_dtype)
+    write_lora(args.save_to, {name: item.pair for name, item in resized.items()}, metadata, save_dtype,
+               overwrite=args.overwrite)
     logger.info("saved %s (ss_network_dim %s)", args.save_to, metadata["ss_network_dim"])
     return resized
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from library.cli import run_cli
 from library.errors import ModelFormatError
 from library.models.save import precision_dtype
+from library.options.output_file import add_overwrite_argument, refuse_existing_output
 from networks.lora_file import (BASE_MODEL_KEYS, LoRAFile, LoRAPair, check_one_family, check_ratios, network_dims,
                                 read_lora, write_lora)
 from networks.lora_rank import (
@@ -52,6 +53,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["float", "fp16", "bf16"], default="float",
                         help="dtype the deltas are summed in (the SVD itself runs in float32); default float")
     parser.add_argument("--device", default="cpu", help="where the SVDs run: cpu or cuda")
+    add_overwrite_argument(parser)
     return parser
 
 
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Refactored]:
     positive_rank("--new_rank", args.new_rank)
     new_conv_rank = positive_rank("--new_conv_rank", args.new_conv_rank) or args.new_rank
     refuse_output_over_inputs(args.save_to, args.models, "--models")
+    refuse_existing_output(args.save_to, args.overwrite, "--save_to")
     device = resolve_device(args.device)
     save_dtype = precision_dtype(args.save_precision) or torch.float32
     compute_dtype = precision_dtype(args.precision)
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Refactored]:
     check_one_family(loras)
     merged = merge_modules(loras, ratios, args.new_rank, new_conv_rank, compute_dtype, device)
     metadata = merged_metadata(loras, merged)
-    write_lora(args.save_to, {name: item.pair for name, item in merged.items()}, metadata, save_dtype)
+    write_lora(args.save_to, {name: item.pair for name, item in merged.items()}, metadata, save_dtype,
+               overwrite=args.overwrite)
     logger.info("saved %s: %d modules, ss_network_dim %s", args.save_to, len(merged), metadata["ss_network_dim"])
     return merged
 

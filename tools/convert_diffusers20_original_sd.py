@@ -16,6 +16,7 @@ if __package__ in (None, ""):
 
 from library.cli import run_cli
 from library.errors import FlagError, UserInputError
+from library.options.output_file import add_overwrite_argument, refuse_existing_output
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def setup_parser() -> argparse.ArgumentParser:
     output.add_argument("--reference_model", default=None,
                         help="accepted for kohya compatibility and ignored: scheduler and tokenizers are written "
                              "from the detected family, nothing is downloaded")
-    output.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_overwrite_argument(output)
     return parser
 
 
@@ -61,8 +62,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     source, target = Path(args.model_to_load).resolve(), Path(args.model_to_save).resolve()
     if source == target:
         raise UserInputError(f"{args.model_to_save}: the output is the input; choose another output path")
-    if target.exists() and not args.overwrite:
-        raise UserInputError(f"{args.model_to_save}: already exists; pass --overwrite to replace it")
+    refuse_existing_output(args.model_to_save, args.overwrite, "model_to_save")
 
 
 def _precisions(args: argparse.Namespace):

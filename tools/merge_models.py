@@ -27,6 +27,7 @@ from library.families import UNET_PREFIX, ModelFamily
 from library.models.load import describe_family, detect_family
 from library.models.save import checkpoint_metadata, precision_dtype
 from library.models.state_dict_io import TensorFile, write_state_dict
+from library.options.output_file import add_overwrite_argument, refuse_existing_output
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unet_only", action="store_true",
                         help="merge only the U-Net; text encoders and VAE come from the first model")
     parser.add_argument("--device", default="cpu", help="where the sums are computed: cpu or cuda")
+    add_overwrite_argument(parser)
     return parser
 
 
@@ -119,6 +121,7 @@ def add_tensor(merged: dict[str, torch.Tensor], key: str, reader: TensorFile, mo
 def main(argv: list[str] | None = None) -> Path:
     args = setup_parser().parse_args(argv)
     ratios = check_inputs(args.models, args.ratios, args.output)
+    refuse_existing_output(args.output, args.overwrite, "--output")
     family = check_one_family(args.models)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
              for key, tensor in merged.items()}
     metadata = checkpoint_metadata(family, title=Path(args.output).stem)
     metadata["merged_from"] = ", ".join(f"{Path(model).name}×{ratio:g}" for model, ratio in zip(args.models, ratios))
-    write_state_dict(args.output, state, metadata)
+    write_state_dict(args.output, state, metadata, overwrite=args.overwrite)
     logger.info("saved %s (%d tensors)", args.output, len(state))
     return Path(args.output)
 

@@ -3,7 +3,8 @@ tools/show_metadata.py does, with JSON-valued keys (ss_tag_frequency, ss_dataset
 
     python tools/show_metadata.py my_lora.safetensors [--full] [--json]
 
-Only the header is read, so this is instant even for multi-GB checkpoints.
+Only the header is read, so this is instant even for multi-GB checkpoints. Without --full each value shows at most
+--max_lines lines of at most 2,000 characters; a value nested too deeply to decode is shown as its raw string.
 """
 from __future__ import annotations
 
@@ -26,15 +27,17 @@ logger = logging.getLogger(__name__)
 HEADER_LENGTH_BYTES = 8
 MAX_HEADER_BYTES = 100 << 20
 DEFAULT_MAX_LINES = 20
+MAX_LINE_CHARACTERS = 2000  # per shown line without --full; one 20 MB value would otherwise fill the terminal
 
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", nargs="?", help=".safetensors file to inspect")
     parser.add_argument("--model", help="the same as the positional file (kohya's flag)")
-    parser.add_argument("--full", action="store_true", help="do not shorten long JSON values")
+    parser.add_argument("--full", action="store_true", help="do not shorten long values (lines or characters)")
     parser.add_argument("--max_lines", type=int, default=DEFAULT_MAX_LINES,
-                        help=f"lines shown of each JSON value without --full; default {DEFAULT_MAX_LINES}")
+                        help=f"lines shown of each value without --full; default {DEFAULT_MAX_LINES} (and at most "
+                             f"{MAX_LINE_CHARACTERS} characters per line)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (JSON-valued keys decoded)")
     return parser
 
@@ -65,23 +68,42 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def decoded(value: str) -> object:
-    """A JSON object/array value decoded; anything else (numbers, "True", plain text) stays the string."""
+    """A JSON object/array value decoded; anything else (numbers, "True", plain text, JSON nested too deeply for
+    Python's decoder) stays the string."""
     if value[:1] not in ("{", "["):
         return value
     try:
         return json.loads(value)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return value
 
 
-def format_value(value: str, full: bool, max_lines: int) -> list[str]:
+def pretty_json(value: str, sort_keys: bool) -> str | None:
+    """The value as indented JSON, or None when it is not a JSON object/array (or too deep to re-encode)."""
     parsed = decoded(value)
     if isinstance(parsed, str):
-        return [parsed]
-    lines = json.dumps(parsed, indent=2, ensure_ascii=False, sort_keys=True).splitlines()
-    if full or len(lines) <= max_lines:
+        return None
+    try:
+        return json.dumps(parsed, indent=2, ensure_ascii=False, sort_keys=sort_keys)
+    except RecursionError:
+        return None
+
+
+def shortened_line(line: str) -> str:
+    if len(line) <= MAX_LINE_CHARACTERS:
+        return line
+    hidden = len(line) - MAX_LINE_CHARACTERS
+    return f"{line[:MAX_LINE_CHARACTERS]} ... ({hidden:,} more characters; --full shows all)"
+
+
+def format_value(value: str, full: bool, max_lines: int) -> list[str]:
+    lines = (pretty_json(value, sort_keys=True) or value).splitlines() or [""]
+    if full:
         return lines
-    return lines[:max_lines] + [f"... ({len(lines) - max_lines} more lines; --full shows all)"]
+    shown = [shortened_line(line) for line in lines[:max_lines]]
+    if len(lines) > max_lines:
+        shown.append(f"... ({len(lines) - max_lines} more lines; --full shows all)")
+    return shown
 
 
 def metadata_lines(path: str | Path, metadata: dict[str, str], full: bool = False,
@@ -100,6 +122,18 @@ def metadata_lines(path: str | Path, metadata: dict[str, str], full: bool = Fals
     return lines
 
 
+def json_document(metadata: dict[str, str]) -> str:
+    """One JSON object, keys sorted, JSON values decoded; built per key so a value too deep to re-encode stays
+    its string instead of failing the whole document."""
+    if not metadata:
+        return "{}"
+    items = []
+    for key in sorted(metadata):
+        text = pretty_json(metadata[key], sort_keys=False) or json.dumps(metadata[key], ensure_ascii=False)
+        items.append(f"  {json.dumps(key, ensure_ascii=False)}: " + text.replace("\n", "\n  "))
+    return "{\n" + ",\n".join(items) + "\n}"
+
+
 def main(argv: list[str] | None = None) -> dict[str, str]:
     args = setup_parser().parse_args(argv)
     path = args.file or args.model
@@ -110,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     metadata = read_metadata(path)
     # printing the metadata is this tool's product, so it goes to stdout rather than the log
     if args.json:
-        print(json.dumps({key: decoded(metadata[key]) for key in sorted(metadata)}, indent=2, ensure_ascii=False))
+        print(json_document(metadata))
     else:
         print("\n".join(metadata_lines(path, metadata, args.full, args.max_lines)))
     return metadata

@@ -10,18 +10,16 @@ import datetime
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from library.errors import FlagError, UserInputError
+from library.errors import FlagError
 from library.families import UNET_PREFIX, VAE_PREFIX, ModelFamily
 from library.models import convert_clip, convert_unet, convert_vae
 from library.models.bundle import ModelBundle
-from library.models.state_dict_io import write_state_dict
+from library.models.state_dict_io import atomic_output, write_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -129,23 +127,8 @@ def save_single_file(bundle: ModelBundle, path: str | os.PathLike, dtype: torch.
 def save_diffusers_folder(bundle: ModelBundle, path: str | os.PathLike, dtype: torch.dtype | None = None,
                           safe_serialization: bool = True, overwrite: bool = False) -> None:
     """Write a diffusers pipeline folder into a temp folder beside `path`, then rename it into place."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserInputError(f"{path}: already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_output(path, overwrite=overwrite, folder=True) as temp:
         _write_diffusers_folder(bundle, temp, dtype, safe_serialization)
-        if path.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, backup / path.name)
-            os.replace(temp, path)
-            shutil.rmtree(backup)
-        else:
-            os.replace(temp, path)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp)
     logger.info("saved diffusers folder %s", path)
 
 

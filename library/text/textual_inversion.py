@@ -8,9 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import pickle
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch
 
 from library.errors import FlagError, ModelFormatError, UserInputError
 from library.families import ModelFamily
-from library.models.state_dict_io import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorFile
+from library.models.state_dict_io import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorFile, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -80,21 +78,9 @@ def read_embedding_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _load_torch_file(path: Path) -> object:
-    """torch.load with weights_only=True: A1111's dicts of tensors, strings and ints load; pickled code does not."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, TypeError, KeyError) as error:
-        # what torch.load raises for a truncated zip, a non-pickle file or an unsafe pickle
-        text = str(error)
-        if "Unsupported global" in text:
-            raise ModelFormatError(path, "contains Python objects other than tensors; refusing to unpickle it "
-                                         "(only plain tensor files are read)") from None
-        # torch's weights-only refusal of a non-pickle file is a page of advice; only other errors add detail
-        detail = "" if "Weights only load failed" in text or not text else f": {text.splitlines()[0]}"
-        raise ModelFormatError(path, f"not a readable torch file (truncated, corrupt or not written by "
-                                     f"torch.save){detail}") from None
+    """A1111's dicts of tensors, strings and ints load; a pickle that names other Python objects is refused
+    without running anything (see safe_torch_load)."""
+    return safe_torch_load(path)
 
 
 def _embedding_tensors(path: Path, content: object) -> dict[str, torch.Tensor]:

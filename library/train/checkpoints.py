@@ -1,13 +1,10 @@
-"""Output names, when to save, pruning old saves (`--save_last_n_*`), and training-state folders for `--resume`.
-
-Names follow kohya (COMPAT §17). A state folder is accelerate's `save_state` output plus `train_state.json`
-(kohya's `current_epoch`/`current_step`, and ours: the position inside the epoch), written under a temporary
-name and renamed when complete, so an interrupted save never looks like a usable state.
+"""Output names, the guard against overwriting them, left-overs of interrupted saves, when to save, and pruning
+old saves (`--save_last_n_*`). Names follow kohya (COMPAT §17); the state folders themselves are
+library/train/state_folder.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import shutil
@@ -21,8 +18,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_EPOCH_NAME = "epoch"
 DEFAULT_STEP_NAME = "at"
 DEFAULT_LAST_NAME = "last"
-TRAIN_STATE_FILE = "train_state.json"
-PARTIAL_SUFFIX = ".partial"
+PARTIAL_SUFFIX = ".partial"  # a state folder being written
 
 
 @dataclass
@@ -87,15 +83,51 @@ class OutputNames:
     def last_state(self) -> Path:
         return self.folder / f"{self._name(DEFAULT_LAST_NAME)}-state"
 
-    def existing_outputs(self) -> list[Path]:
-        """Files of this output name already in the folder (what a new run could overwrite)."""
+    def _patterns(self) -> list[str]:
+        """Regular expressions of every file and state-folder name a run of this output name writes."""
+        files = [re.escape(self._name(DEFAULT_LAST_NAME)),
+                 re.escape(self._name(DEFAULT_EPOCH_NAME)) + r"-\d{6}",
+                 re.escape(self._name(DEFAULT_STEP_NAME)) + r"-step\d{8}"]
+        extension = re.escape(self.extension)
+        return [name + extension for name in files] + [name + "-state" for name in files]
+
+    def _matching(self, template: str) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        patterns = [re.escape(self.last_file().name),
-                    re.escape(self._name(DEFAULT_EPOCH_NAME)) + r"-\d{6}" + re.escape(self.extension),
-                    re.escape(self._name(DEFAULT_STEP_NAME)) + r"-step\d{8}" + re.escape(self.extension)]
-        matcher = re.compile("|".join(f"(?:{pattern})" for pattern in patterns) + r"\Z")
+        matcher = re.compile("|".join(f"(?:{template.format(pattern)})" for pattern in self._patterns()) + r"\Z")
         return sorted(path for path in self.folder.iterdir() if matcher.match(path.name))
+
+    def existing_outputs(self) -> list[Path]:
+        """Files and state folders of this output name already in the folder (what a new run could overwrite)."""
+        return self._matching("{}")
+
+    def stale_temp_outputs(self) -> list[Path]:
+        """What interrupted saves of this output name left: `.name.XXXXXXXX.tmp[.suffix]` / `.old` beside the
+        files (atomic writes) and `name-state.partial` folders (state saves)."""
+        return self._matching(r"\.(?:{})\.[0-9A-Za-z_]{{8}}\.(?:tmp|old)(?:\.\w+)?") + self._matching(
+            "(?:{})" + re.escape(PARTIAL_SUFFIX))
+
+
+def check_output_name(output_name: str | None) -> None:
+    """An output name is a file name: a folder part would bypass the existing-file guard (and `..` escape
+    --output_dir)."""
+    if output_name is None:
+        return
+    if not output_name or output_name in (".", "..") or any(char in output_name for char in "/\\\0"):
+        raise FlagError(f"--output_name {output_name!r}: expected a file name without folders (no '/', '\\' or "
+                        "'..'); put the folder in --output_dir")
+
+
+def remove_stale_temp_outputs(names: OutputNames) -> list[Path]:
+    """Delete this output name's left-overs of interrupted saves (they are never a usable file); returns them."""
+    stale = names.stale_temp_outputs()
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        logger.info("removed %s, left by an interrupted save", path)
+    return stale
 
 
 def check_output_folder(names: OutputNames, *, resuming: bool, overwrite: bool) -> None:
@@ -152,44 +184,33 @@ def _remove(path: Path) -> None:
         logger.info("removed old save %s", path)
 
 
-# ----------------------------------------------------------------------------------------------- states
+@dataclass(frozen=True)
+class PlannedSaves:
+    """How many network files and state folders a run writes, and how many of each exist at once at most."""
+
+    files_written: int
+    files_kept: int
+    states_written: int
+    states_kept: int
 
 
-def save_state(accelerator, folder: Path, progress: TrainProgress) -> None:
-    """accelerate's state (registered network, optimizer, scheduler, RNG of every process) plus our progress.
+def planned_saves(args: argparse.Namespace, num_epochs: int, max_train_steps: int) -> PlannedSaves:
+    """Count the saves the flags ask for (epoch/step saves, the final one), after --save_last_n_* pruning; one
+    more of each exists for a moment while it is written, before the oldest is pruned."""
+    epoch_every, step_every = args.save_every_n_epochs or 0, args.save_every_n_steps or 0
+    epoch_saves = (num_epochs - 1) // epoch_every if epoch_every else 0
+    step_saves = max_train_steps // step_every if step_every else 0
 
-    Every process must call this (accelerate saves each process's RNG state); the main process renames the
-    finished folder into place.
-    """
-    partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / TRAIN_STATE_FILE).write_text(json.dumps(progress.to_json(), indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
-        logger.info("saved training state to %s", folder)
-    accelerator.wait_for_everyone()
+    def kept(saves: int, keep_epochs: int | None, keep_steps: int | None) -> int:
+        epochs = min(epoch_saves, keep_epochs) if keep_epochs else epoch_saves
+        steps = min(step_saves, -(-keep_steps // step_every) + 1) if keep_steps and step_every else step_saves
+        return min(saves, epochs + steps)
 
-
-def load_state(accelerator, folder: str | Path) -> TrainProgress:
-    """Restore a state saved by `save_state` (or by kohya's scripts); returns where to continue."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FlagError(f"--resume {folder}: not a folder; expected a '-state' folder saved with --save_state")
-    progress_file = folder / TRAIN_STATE_FILE
-    if not progress_file.exists():
-        raise FlagError(f"--resume {folder}: has no {TRAIN_STATE_FILE}; expected a '-state' folder saved with "
-                        "--save_state")
-    try:
-        progress = TrainProgress.from_json(json.loads(progress_file.read_text()))
-    except (ValueError, TypeError) as error:
-        raise FlagError(f"--resume {folder}: {TRAIN_STATE_FILE} is not valid ({error})") from error
-    accelerator.load_state(str(folder))
-    logger.info("resumed from %s: epoch %d, batch %d, step %d", folder, progress.epoch, progress.batch_in_epoch,
-                progress.global_step)
-    return progress
+    files = epoch_saves + step_saves + 1
+    files_kept = kept(files - 1, args.save_last_n_epochs, args.save_last_n_steps) + 1
+    states = (epoch_saves + step_saves) if args.save_state else 0
+    final_state = 1 if (args.save_state or args.save_state_on_train_end) else 0
+    states_kept = kept(states, args.save_last_n_epochs_state or args.save_last_n_epochs,
+                       args.save_last_n_steps_state or args.save_last_n_steps) if states else 0
+    return PlannedSaves(files + 0, min(files, files_kept + 1), states + final_state,
+                        min(states + final_state, states_kept + final_state + (1 if states else 0)))

@@ -19,8 +19,9 @@ import torch
 
 from library.errors import FlagError, TrainingStopped
 from library.families import ModelFamily
+from library.models.state_dict_io import DiskFullError
 from library.text.encode import TextConds
-from library.train import checkpoints, network_module
+from library.train import checkpoints, network_module, state_folder
 from library.train.checkpoints import OutputNames, TrainProgress
 from library.train.run_setup import TrainingSchedule
 
@@ -255,6 +256,7 @@ class NetworkTrainer:
         network_module.import_network_module(args.network_module)
         sample_prompts = self._load_sample_prompts(args)
         accelerator = run_setup.make_accelerator(args)
+        run_setup.check_device_precision(args, accelerator.device)
         if args.seed is not None:
             from accelerate.utils import set_seed
 
@@ -271,6 +273,8 @@ class NetworkTrainer:
         run.schedule = run_setup.training_schedule(args, len(train_group), accelerator.num_processes)
         run.names = OutputNames(args.output_dir, args.output_name, "." + args.save_model_as)
         checkpoints.check_output_folder(run.names, resuming=bool(args.resume), overwrite=args.overwrite_output)
+        if accelerator.is_main_process:
+            checkpoints.remove_stale_temp_outputs(run.names)
         train_group.set_max_steps(run.schedule.max_train_steps)
         run.progress = TrainProgress(session_id=random.randint(0, 2**32), started_at=time.time())
         return run
@@ -381,7 +385,30 @@ class NetworkTrainer:
         network_dtype = {True: torch.float16}.get(args.full_fp16) or {True: torch.bfloat16}.get(args.full_bf16)
         network.to(run.accelerator.device, dtype=network_dtype)
         logger.info("%s", network_module.describe_network(network))
+        self.check_disk_space(run, network)
         return Trainable(network, train_unet, train_text_encoder)
+
+    def check_disk_space(self, run: TrainingRun, network) -> None:
+        """Before the loop: is there room in --output_dir for the saves the flags ask for?"""
+        from library.models.save import precision_dtype
+        from library.output_folders import check_free_space
+
+        args = run.args
+        save_dtype = precision_dtype(args.save_precision)
+        tensors = list(network.state_dict().values())
+        file_size = sum(t.numel() * (t.element_size() if save_dtype is None or not t.is_floating_point()
+                                     else save_dtype.itemsize) for t in tensors)
+        parameter_bytes = sum(p.numel() * p.element_size() for p in network.parameters() if p.requires_grad)
+        # a state holds the network and the optimizer's buffers (two per parameter for the Adam family)
+        state_size = sum(t.numel() * t.element_size() for t in tensors) + 2 * parameter_bytes
+        saves = checkpoints.planned_saves(args, run.schedule.num_epochs, run.schedule.max_train_steps)
+        planned = saves.files_kept * file_size + saves.states_kept * state_size
+        minimum = file_size + (state_size if saves.states_written else 0)
+        check_free_space(args.output_dir, minimum=minimum, planned=planned, flag="--output_dir",
+                         minimum_what="the final network" + (" and its state" if saves.states_written else ""),
+                         planned_what=f"the {saves.files_written} network file(s)"
+                                      + (f" and {saves.states_written} state folder(s)" if saves.states_written
+                                         else "") + " the flags ask for")
 
     def build_optimizer(self, run: TrainingRun, models: LoadedModels, trainable: Trainable) -> None:
         from library.train.lr_schedulers import get_scheduler
@@ -392,6 +419,9 @@ class NetworkTrainer:
         groups, trainable.group_names = network_module.optimizer_param_groups(
             trainable.network, text_encoder_lrs=args.text_encoder_lr, unet_lr=args.unet_lr,
             learning_rate=args.learning_rate)
+        if not any(group["params"] and group.get("lr", 0) > 0 for group in groups):
+            raise FlagError(f"--network_module {args.network_module}: no parameter would train (the network has "
+                            "no modules for the parts being trained, or their learning rates are 0)")
         optimizer_type = resolve_optimizer_type(args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer)
         class_path, arguments, optimizer = get_optimizer(optimizer_type, groups, args.learning_rate,
                                                          parse_optimizer_args(args.optimizer_args))
@@ -413,9 +443,8 @@ class NetworkTrainer:
         else:
             # the network is not DDP-wrapped: its forward runs inside the frozen models (see all_reduce_network)
             trainable.optimizer, trainable.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-            accelerator.register_for_checkpointing(trainable.network)
         if args.resume:
-            run.progress = checkpoints.load_state(accelerator, args.resume).position_from_step(
+            run.progress = self.load_state(run, trainable, Path(args.resume)).position_from_step(
                 schedule.steps_per_epoch, schedule.accumulation)
         warmup = getattr(lr_scheduler, "warmup_steps", None) or 0
         trainable.metadata = training_metadata(
@@ -438,10 +467,9 @@ class NetworkTrainer:
         accelerator, args = run.accelerator, run.args
         accelerator.wait_for_everyone()
         final = run.names.last_file()
-        if accelerator.is_main_process:
-            self.save_network(run, trainable, final, epoch=run.schedule.num_epochs)
+        self.save_network_file(run, trainable, final, epoch=run.schedule.num_epochs)
         if args.save_state or args.save_state_on_train_end:
-            checkpoints.save_state(accelerator, run.names.last_state(), run.progress)
+            self.save_state(run, trainable, run.names.last_state())
         accelerator.end_training()
         if accelerator.is_main_process:
             logger.info("training finished: %s (%d steps)", final, run.progress.global_step)
@@ -450,14 +478,61 @@ class NetworkTrainer:
     # --------------------------------------------------------------------------------------------- saving
 
     def save_network(self, run: TrainingRun, trainable: Trainable, path: Path, epoch: int) -> None:
+        """Write the network file (main process). Through a temp file: a network module's own save_weights
+        (LyCORIS') may not write atomically."""
         from library.models.save import precision_dtype
+        from library.models.state_dict_io import atomic_output
         from library.train.metadata import metadata_for_save
 
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = metadata_for_save(trainable.metadata, trainable.modelspec, steps=run.progress.global_step,
                                      epoch=epoch, finished_at=time.time(), no_metadata=run.args.no_metadata)
-        trainable.network.save_weights(str(path), precision_dtype(run.args.save_precision), metadata)
+        with atomic_output(path) as temp:
+            trainable.network.save_weights(str(temp), precision_dtype(run.args.save_precision), metadata)
         logger.info("saved %s", path)
+
+    def save_network_file(self, run: TrainingRun, trainable: Trainable, path: Path, epoch: int) -> None:
+        """`save_network` on the main process, agreed by all. On a full disk the network is written to the
+        system's temp folder instead and the run stops, saying where it is: the training is never lost."""
+        accelerator = run.accelerator
+        failure: Exception | None = None
+        if accelerator.is_main_process:
+            try:
+                self.save_network(run, trainable, path, epoch)
+            except DiskFullError as error:
+                failure = self._rescue_network(run, trainable, path, epoch, error)
+        if not state_folder.all_processes_ok(accelerator, failure is None):
+            raise failure or TrainingStopped(f"saving {path} failed on the main process; see its message")
+
+    def _rescue_network(self, run: TrainingRun, trainable: Trainable, path: Path, epoch: int,
+                        error: DiskFullError) -> TrainingStopped:
+        import tempfile
+
+        rescue = Path(tempfile.gettempdir()) / path.name
+        if rescue.exists():
+            rescue = rescue.with_name(f"{path.stem}-{run.progress.session_id}-{run.progress.global_step}{path.suffix}")
+        try:
+            self.save_network(run, trainable, rescue, epoch)
+        except Exception as second:  # noqa: BLE001 - reported in the one line below
+            return TrainingStopped(f"{error}. Saving the network to {rescue} instead failed too ({second}); the "
+                                   f"network of step {run.progress.global_step} could not be kept")
+        return TrainingStopped(f"{error}. The network of step {run.progress.global_step} was saved to {rescue} "
+                               "instead; move it where you want it")
+
+    def save_state(self, run: TrainingRun, trainable: Trainable, folder: Path) -> None:
+        """`--save_state`: every process writes its part (see library/train/state_folder.py)."""
+        if _uses_deepspeed(run.accelerator):
+            run.accelerator.save_state(str(folder))  # DeepSpeed's own checkpoint format, written by its engine
+            return
+        state_folder.save_state(run.accelerator, folder, run.progress, trainable.network, trainable.optimizer,
+                                trainable.lr_scheduler)
+
+    def load_state(self, run: TrainingRun, trainable: Trainable, folder: Path) -> TrainProgress:
+        """`--resume`: check every file of the state against this run, then restore it."""
+        if _uses_deepspeed(run.accelerator):
+            run.accelerator.load_state(str(folder))
+            return state_folder.read_progress(folder)
+        return state_folder.load_state(run.accelerator, folder, trainable.network, trainable.optimizer,
+                                       trainable.lr_scheduler)
 
 
 def _uses_deepspeed(accelerator) -> bool:

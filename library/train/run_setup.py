@@ -36,6 +36,32 @@ def check_network_flags(args: argparse.Namespace, text_encoder_count: int) -> No
                         f"{len(args.base_weights or [])} --base_weights files; give one per file")
     if args.scale_weight_norms is not None and args.scale_weight_norms <= 0:
         raise FlagError(f"--scale_weight_norms expected a number > 0, got {args.scale_weight_norms}")
+    if args.network_dim is not None and args.network_dim < 1:
+        raise FlagError(f"--network_dim {args.network_dim}: expected a rank of at least 1")
+    check_learning_rates(args)
+
+
+MAX_LEARNING_RATE = 100.0  # far above any real one (adaptive optimizers such as Prodigy use 1.0)
+
+
+def check_learning_rates(args: argparse.Namespace) -> None:
+    """Learning rates are finite numbers from 0 (that part frozen) to MAX_LEARNING_RATE, and something trains."""
+    rates = [("--learning_rate", args.learning_rate), ("--unet_lr", args.unet_lr)]
+    rates += [("--text_encoder_lr", value) for value in args.text_encoder_lr or []]
+    for flag, value in rates:
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= MAX_LEARNING_RATE):
+            raise FlagError(f"{flag} {value}: expected a learning rate from 0 to {MAX_LEARNING_RATE:g}")
+    unet = args.unet_lr if args.unet_lr is not None else args.learning_rate
+    encoders = [value if value is not None else args.learning_rate for value in (args.text_encoder_lr or [None])]
+    trains_unet = not args.network_train_text_encoder_only and unet
+    trains_encoders = not args.network_train_unet_only and any(encoders)
+    if not trains_unet and not trains_encoders:
+        raise FlagError(f"--learning_rate {args.learning_rate:g}"
+                        + (f" / --unet_lr {args.unet_lr:g}" if args.unet_lr is not None else "")
+                        + (f" / --text_encoder_lr {' '.join(f'{v:g}' for v in args.text_encoder_lr)}"
+                           if args.text_encoder_lr else "")
+                        + ": every part that would train has a learning rate of 0 (0 freezes a part); nothing "
+                          "would train")
 
 
 def check_precision_flags(args: argparse.Namespace) -> None:
@@ -53,12 +79,26 @@ def check_precision_flags(args: argparse.Namespace) -> None:
                             "build or use --sdpa") from error
 
 
+def check_device_precision(args: argparse.Namespace, device) -> None:
+    """fp16 autocast is a GPU feature; on a CPU it fails deep inside the first step with a dtype mismatch."""
+    if args.mixed_precision == "fp16" and device.type == "cpu":
+        raise FlagError("--mixed_precision fp16 needs a GPU, and this run has none (the device is the CPU); use "
+                        "--mixed_precision bf16 or no")
+
+
 def check_output_flags(args: argparse.Namespace) -> None:
+    from library.output_folders import check_writable_folder
+    from library.train.checkpoints import check_output_name
+
     if not args.pretrained_model_name_or_path:
         raise FlagError("--pretrained_model_name_or_path is required (the base model: a .safetensors/.ckpt file or "
                         "a diffusers folder)")
     if not args.output_dir:
         raise FlagError("--output_dir is required (the folder for the trained network, samples and states)")
+    check_output_name(args.output_name)
+    check_writable_folder(args.output_dir, "--output_dir")
+    if args.logging_dir:
+        check_writable_folder(args.logging_dir, "--logging_dir")
     if args.resume and not Path(args.resume).is_dir():
         raise FlagError(f"--resume {args.resume}: no such folder; expected a '-state' folder saved with --save_state")
     if args.sample_prompts and not Path(args.sample_prompts).is_file():

@@ -257,12 +257,10 @@ def after_epoch(trainer, run, models, trainable, epoch: int, step_logger) -> Non
 
 
 def save_progress(trainer, run, trainable, file, state_folder, epoch: int | None = None) -> None:
-    accelerator = run.accelerator
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        trainer.save_network(run, trainable, file, epoch if epoch is not None else run.progress.epoch)
+    run.accelerator.wait_for_everyone()
+    trainer.save_network_file(run, trainable, file, epoch if epoch is not None else run.progress.epoch)
     if run.args.save_state:
-        checkpoints.save_state(accelerator, state_folder, run.progress)
+        trainer.save_state(run, trainable, state_folder)
 
 
 def _sampling_due(run, epoch: int | None) -> bool:

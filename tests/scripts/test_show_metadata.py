@@ -87,3 +87,36 @@ def test_lora_inspection_tools_explain_their_flags(script, flags):
     assert result.stdout.startswith("usage:")
     for flag in flags:
         assert flag in result.stdout
+
+
+def save_with_metadata(path, metadata):
+    save_file({"w": torch.zeros(1)}, str(path), metadata=metadata)
+    return path
+
+
+def test_deeply_nested_json_is_shown_as_its_shortened_string(tmp_path, capsys):
+    nested = "[" * 100_000 + "]" * 100_000
+    path = save_with_metadata(tmp_path / "deep.safetensors", {"ss_deep": nested, "ss_network_dim": "4"})
+    assert run_cli(show_metadata.main, [str(path)]) is None  # no SystemExit: exit code 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = captured.out.splitlines()
+    assert lines[1] == f"ss_deep: {'[' * 2000} ... (198,000 more characters; --full shows all)"
+    assert lines[2] == "ss_network_dim: 4"
+    show_metadata.main([str(path), "--json"])
+    assert json.loads(capsys.readouterr().out) == {"ss_deep": nested, "ss_network_dim": "4"}  # stays a string
+
+
+def test_a_huge_value_is_capped_unless_full(tmp_path, capsys):
+    huge = "x" * 20_000_000
+    path = save_with_metadata(tmp_path / "huge.safetensors", {"ss_huge": huge, "ss_lines": "line\n" * 50})
+    show_metadata.main([str(path)])
+    out = capsys.readouterr().out
+    assert len(out) < 10_000
+    lines = out.splitlines()
+    assert lines[1] == f"ss_huge: {'x' * 2000} ... (19,998,000 more characters; --full shows all)"
+    assert lines[2:4] == ["ss_lines:", "  line"] and lines[-1] == "  ... (30 more lines; --full shows all)"
+    assert len(lines) == 2 + 1 + 20 + 1
+    show_metadata.main([str(path), "--full"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"ss_huge: {huge}" and len(lines) == 2 + 1 + 50
