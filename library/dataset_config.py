@@ -25,12 +25,14 @@ from library.options.dataset import (
     parse_face_crop_aug_range,
     parse_resolution,
 )
+from library.text_files import read_utf8_text
 
 logger = logging.getLogger(__name__)
 
 DatasetKind = Literal["dreambooth", "finetune", "controlnet"]
 KIND_NAMES = {"dreambooth": "DreamBooth", "finetune": "fine-tuning", "controlnet": "ControlNet"}
 CLI_SOURCE = "command line"
+VAE_FACTOR = 8  # SD/SDXL VAEs map 8x8 pixels to one latent
 
 
 @dataclass
@@ -145,6 +147,10 @@ def _positive_int(value: object) -> bool:
 
 
 _integer = _value_check(_is_int, "an integer")
+# kohya skips a subset whose num_repeats is below 1 with a warning; 0 is how users switch a subset off, but a
+# negative count is a typo, so only 0 keeps kohya's skip
+_repeats = _value_check(lambda value: _is_int(value) and value >= 0,
+                        "an integer >= 1 (or 0 to skip the subset)")
 _positive = _value_check(_positive_int, "a positive integer")
 _non_negative = _value_check(lambda value: _is_int(value) and value >= 0, "a non-negative integer")
 _number = _value_check(_is_number, "a number")
@@ -184,8 +190,8 @@ KEY_SPECS: dict[str, tuple[str, Callable[[object], str | None]]] = {
     **_keys(DATASET_LEVELS, _number, "network_multiplier"),
     **_keys(DATASET_LEVELS, _rate, "validation_split"),
     **_keys(DATASET_LEVELS, _integer, "validation_seed"),
-    # num_repeats < 1 is legal: the dataset builder skips that subset with a warning
-    **_keys(INHERITABLE_LEVELS, _integer, "num_repeats"),
+    # num_repeats = 0 is legal: the dataset builder skips that subset with a warning
+    **_keys(INHERITABLE_LEVELS, _repeats, "num_repeats"),
     **_keys(INHERITABLE_LEVELS, _non_negative, "keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min"),
     **_keys(INHERITABLE_LEVELS, _number, "token_warmup_step"),
     **_keys(INHERITABLE_LEVELS, _rate, "caption_dropout_rate", "caption_tag_dropout_rate"),
@@ -222,10 +228,7 @@ def load_dataset_config(path: str | Path) -> dict:
         raise ConfigError(path, "--dataset_config", "a .toml or .json file", got=path.suffix or "no extension")
     if not path.is_file():
         raise UserInputError(f"{path}: dataset config not found (--dataset_config)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserInputError(f"{path}: cannot read the dataset config: {error}") from error
+    text = read_utf8_text(path, "--dataset_config")
     try:
         return toml.loads(text) if suffix == ".toml" else json.loads(text)
     except toml.TomlDecodeError as error:
@@ -390,9 +393,73 @@ def build_blueprint(args: argparse.Namespace, config_path: str | None,
     else:
         source, general, datasets_raw = CLI_SOURCE, {}, datasets_from_flags(args, supports_controlnet)
     cli = _cli_values(args)
+    _check_some_subset_is_repeated(datasets_raw, general, cli, source)
     datasets = [_resolve_dataset(index, dataset, general, cli, source, supports_controlnet)
                 for index, dataset in enumerate(datasets_raw)]
     return DatasetGroupBlueprint(datasets=datasets, source=source)
+
+
+def _lookup(key: str, chain: list[tuple[dict, str]]) -> tuple[object, str | None]:
+    """The first non-null value of `key` along (table, key path) pairs, and the path it came from."""
+    return next(((table[key], path) for table, path in chain if table.get(key) is not None), (None, None))
+
+
+def _chain_paths(where: str, key: str, subset_index: int | None = None) -> list[str]:
+    """Key paths of the levels a value is looked up in; the last one is the command-line flag."""
+    paths = [f"{where}.{key}", f"general.{key}", f"--{KEY_TO_FLAG.get(key, key)}"]
+    return paths if subset_index is None else [f"{where}.subsets[{subset_index}].{key}", *paths]
+
+
+def _check_some_subset_is_repeated(datasets_raw: list[dict], general: dict, cli: dict, source: str) -> None:
+    """Refuse a config whose every subset has num_repeats 0: kohya would skip them all and then find no images.
+
+    One problem per place a 0 was written (a [general] default counts once for every subset it reaches).
+    """
+    zero_at: dict[str, object] = {}
+    for index, dataset in enumerate(datasets_raw):
+        for subset_index, subset in enumerate(dataset["subsets"]):
+            paths = _chain_paths(f"datasets[{index}]", "num_repeats", subset_index)
+            value, path = _lookup("num_repeats", list(zip([subset, dataset, general, cli], paths)))
+            if value is None or value >= 1:
+                return
+            zero_at.setdefault(path, value)
+    text = "every subset has num_repeats 0 and is skipped, so there is nothing to train on"
+    if source == CLI_SOURCE:
+        flag, value = next(iter(zero_at.items()))
+        raise FlagError(f"{flag}: expected an integer >= 1, got {value}; {text}")
+    problems = [ConfigProblem(path, f"expected an integer >= 1, got {value}; {text}" +
+                              (" (subsets without num_repeats take --dataset_repeats)" if path.startswith("--") else ""))
+                for path, value in zero_at.items()]
+    raise DatasetConfigError(source, problems)
+
+
+def _size_text(sides: tuple[int, ...] | list[int], as_list: bool) -> str:
+    """Sides as the user writes them: `67` for a square, `[768, 512]` in a file, `768,512` on the command line."""
+    if as_list:
+        return str(list(sides))
+    return str(sides[0]) if len(set(sides)) == 1 else ",".join(str(side) for side in sides)
+
+
+def _check_vae_sizes(params: dict, dataset: dict, general: dict, cli: dict, where: str, source: str) -> None:
+    """Refuse training sizes the VAE cannot encode exactly (sides not multiples of 8).
+
+    Without buckets the resolution is the one training size; with buckets it only sets the area and every
+    bucket is a multiple of bucket_reso_steps (COMPAT §10), so the step is what must fit.
+    """
+    key = "bucket_reso_steps" if params.get("enable_bucket") else "resolution"
+    sides = params["resolution"] if key == "resolution" else (params.get("bucket_reso_steps", 64),)
+    if all(side % VAE_FACTOR == 0 for side in sides):
+        return
+    written, path = _lookup(key, list(zip([dataset, general, cli], _chain_paths(where, key))))
+    lower = [max(VAE_FACTOR, side - side % VAE_FACTOR) for side in sides]
+    upper = [side + (-side) % VAE_FACTOR for side in sides]
+    from_flag = path.startswith("--")
+    as_list = not from_flag and isinstance(written, list)
+    hint = "use " + " or ".join(dict.fromkeys(_size_text(choice, as_list) for choice in (lower, upper)))
+    expected = f"sides that are multiples of {VAE_FACTOR}" if key == "resolution" else f"a multiple of {VAE_FACTOR}"
+    if from_flag:
+        raise FlagError(f"{path}: expected {expected}, got {_size_text(sides, as_list)}; {hint}")
+    raise ConfigError(source, path, expected, got=written, hint=hint)
 
 
 def _resolve_fields(cls: type, chain: list[dict]) -> dict:
@@ -424,6 +491,7 @@ def _resolve_dataset(index: int, dataset: dict, general: dict, cli: dict, source
             raise FlagError("--resolution: required; expected a size in pixels like 512 or 768,512 (width,height)")
         raise ConfigError(source, f"{where}.resolution", "a resolution such as 512 or [768, 512]",
                           hint="none is set in this dataset, in [general] or by --resolution")
+    _check_vae_sizes(params, dataset, general, cli, where, source)
     kind = _infer_kind(dataset["subsets"], where, source, supports_controlnet)
     subsets = [SubsetParams(**_resolve_fields(SubsetParams, [subset, dataset, general, cli]))
                for subset in dataset["subsets"]]
@@ -446,7 +514,7 @@ def _infer_kind(subsets: list[dict], where: str, source: str, supports_controlne
 def _drop_duplicate_subsets(subsets: list[SubsetParams], kind: DatasetKind, where: str) -> list[SubsetParams]:
     """Keep the first subset per image_dir (metadata_file for fine-tuning) in one dataset (COMPAT §9.1).
 
-    Subsets with num_repeats < 1 are skipped later and, as in kohya, do not claim their folder.
+    Subsets with num_repeats 0 are skipped later and, as in kohya, do not claim their folder.
     """
     claimed: set[str | None] = set()
     kept = []

@@ -138,16 +138,39 @@ def detect_family_from_keys(keys: Iterable[str], path: object, v_parameterizatio
                                  "expected a full SD1.x/SD2.x/SDXL checkpoint")
 
 
+NETWORK_KEY_PREFIXES = ("lora_unet_", "lora_te", "lllite_unet", "oft_unet")
+EMBEDDING_KEYS = ("emb_params", "clip_l", "clip_g", "string_to_param")
+CHECKPOINT_KEY_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.")
+
+
+def file_kind(keys: Iterable[str]) -> str | None:
+    """What a tensor file holds, told from its key names: "network" (LoRA, LyCORIS, LLLite), "embedding",
+    "checkpoint" (a full LDM/SGM model), "vae", "bare-unet", or None when the layout is unknown."""
+    keys = list(keys)
+    if any(key.startswith(NETWORK_KEY_PREFIXES) for key in keys):
+        return "network"
+    if any(key in EMBEDDING_KEYS for key in keys):
+        return "embedding"
+    if any(key.startswith(CHECKPOINT_KEY_PREFIXES) for key in keys):
+        return "checkpoint"
+    if any(key.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")) for key in keys):
+        return "vae"
+    if any(key.startswith(("down_blocks.", "input_blocks.", "conv_in.")) for key in keys):
+        return "bare-unet"
+    return None
+
+
 def _describe_missing_unet(keys: list[str]) -> str:
     if not keys:
         return "contains no tensors; expected a Stable Diffusion checkpoint"
-    if any(key.startswith(("lora_unet_", "lora_te", "lllite_unet", "oft_unet")) for key in keys):
+    kind = file_kind(keys)
+    if kind == "network":
         return "no UNet keys found; is this a LoRA file? expected a full Stable Diffusion checkpoint"
-    if any(key in ("emb_params", "clip_l", "clip_g", "string_to_param") for key in keys):
+    if kind == "embedding":
         return "no UNet keys found; is this a textual-inversion embedding? expected a full checkpoint"
-    if any(key.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")) for key in keys):
+    if kind == "vae":
         return "no UNet keys found; this looks like a VAE file (pass it with --vae)"
-    if any(key.startswith(("down_blocks.", "input_blocks.", "conv_in.")) for key in keys):
+    if kind == "bare-unet":
         return ("no model.diffusion_model.* keys; this looks like a bare UNet state dict, "
                 "expected a full LDM/SGM checkpoint or a diffusers folder")
     sample = ", ".join(keys[:3])

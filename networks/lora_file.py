@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from library.errors import FlagError, ModelFormatError, UserInputError
+from library.families import file_kind
 from library.models.state_dict_io import TensorFile, write_state_dict
 from networks import naming
 from networks.lora import lora_weight_delta, safetensors_hashes
@@ -21,7 +22,6 @@ from networks.lora import lora_weight_delta, safetensors_hashes
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
-CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 FAMILY_WORDS = {"sdxl": "an SDXL LoRA", "sd1-or-sd2": "an SD1.x/SD2.x LoRA"}
 # metadata naming the base model; a tool combining LoRAs keeps it when every input agrees (A1111 reads it, COMPAT §1.8)
 BASE_MODEL_KEYS = ("ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.implementation",
@@ -97,9 +97,10 @@ class LoRAFile:
 
 
 def _not_a_lora_reason(keys: list[str]) -> str:
-    if any(key.startswith(CHECKPOINT_PREFIXES) for key in keys):
+    kind = file_kind(keys)
+    if kind == "checkpoint":
         return "is a model checkpoint, not a LoRA; pass it as the model (e.g. --sd_model / --model_org)"
-    if any(key in ("emb_params", "clip_l", "clip_g", "string_to_param") for key in keys):
+    if kind == "embedding":
         return "is a textual-inversion embedding, not a LoRA"
     if any(".hada_w1_a" in key or ".lokr_w1" in key or ".oft_" in key for key in keys):
         return ("is a LyCORIS LoHa/LoKr/OFT file; these tools handle LoRA/LoCon (lora_down/lora_up) files only")

@@ -38,6 +38,7 @@ from library.data.text_cache import (
     save_text_encoder_outputs,
     te_outputs_npz_path,
 )
+from library.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -138,14 +139,13 @@ def _encode_latents(todo: list, vae, vae_batch_size: int, to_disk: bool, seed: i
         per_bucket.setdefault(tuple(item[0].bucket.bucket_reso), []).append(item)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress or not todo)
-    for bucket_reso in sorted(per_bucket):
-        items = per_bucket[bucket_reso]
-        for start in range(0, len(items), max(1, vae_batch_size)):
-            batch = items[start:start + max(1, vae_batch_size)]
-            _encode_batch(batch, vae, device, dtype, generator, to_disk, stats)
-            bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(todo), desc="caching latents", unit="img", disable=not show_progress or not todo) as bar:
+        for bucket_reso in sorted(per_bucket):
+            items = per_bucket[bucket_reso]
+            for start in range(0, len(items), max(1, vae_batch_size)):
+                batch = items[start:start + max(1, vae_batch_size)]
+                _encode_batch(batch, vae, device, dtype, generator, to_disk, stats)
+                bar.update(len(batch))
 
 
 def _encode_batch(batch: list, vae, device, dtype, generator, to_disk: bool, stats: CacheStats) -> None:
@@ -159,6 +159,7 @@ def _encode_batch(batch: list, vae, device, dtype, generator, to_disk: bool, sta
     flipped = None
     if any(subset.flip_aug for _, subset, _ in batch):
         flipped = _vae_encode(vae, [to_model_tensor(flip_horizontal(p)) for p in pixels], device, dtype, generator)
+    _refuse_non_finite([info for info, _, _ in batch], latents, flipped, dtype)
     for position, (info, subset, fingerprint) in enumerate(batch):
         entry = LatentCacheEntry(latents=latents[position], original_size=tuple(info.image_size),
                                  crop_ltrb=tuple(info.bucket.crop_ltrb),
@@ -169,6 +170,24 @@ def _encode_batch(batch: list, vae, device, dtype, generator, to_disk: bool, sta
         else:
             info.latents = entry
         stats.computed += 1
+
+
+def _refuse_non_finite(infos: list[ImageInfo], latents: np.ndarray, flipped: np.ndarray | None,
+                       dtype: torch.dtype) -> None:
+    """Stop before a NaN/inf encoding is cached: training on it would end in a NaN loss blamed on the lr."""
+    finite = np.isfinite(latents).reshape(len(infos), -1).all(axis=1)
+    if flipped is not None:
+        finite &= np.isfinite(flipped).reshape(len(infos), -1).all(axis=1)
+    bad = [str(info.absolute_path) for info, ok in zip(infos, finite) if not ok]
+    if not bad:
+        return
+    if dtype in (torch.float16, torch.bfloat16):
+        hint = (f"the VAE runs in {str(dtype).replace('torch.', '')}, which overflows on some images; pass "
+                "--no_half_vae to encode in float32")
+    else:
+        hint = "the VAE runs in float32, so its weights are probably damaged; check the VAE or model file"
+    raise UserInputError(f"{', '.join(bad)}: the VAE encoded {'this image' if len(bad) == 1 else 'these images'} "
+                         f"to NaN/inf latents; {hint} (no cache was written for {'it' if len(bad) == 1 else 'them'})")
 
 
 @torch.no_grad()

@@ -127,8 +127,10 @@ def build_dataset_group(blueprint: DatasetGroupBlueprint, *, seed: int, latent_s
     if not datasets:
         if validation:
             return None
+        skipped = sum(subset.num_repeats < 1 for dataset in blueprint.datasets for subset in dataset.subsets)
+        note = f"; {_plural(skipped, 'subset')} with num_repeats 0 skipped" if skipped else ""
         raise UserInputError(f"{blueprint.source}: no images found in any dataset; check image_dir / "
-                             "train_data_dir (it must be the parent of folders named like '10_sks dog')")
+                             f"train_data_dir (it must be the parent of folders named like '10_sks dog'){note}")
     return DatasetGroup(datasets)
 
 

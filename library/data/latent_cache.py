@@ -222,13 +222,10 @@ def _find_problem(header: dict, suffix: str, bucket_reso: tuple[int, int], need_
     return None
 
 
-def _fingerprint_problem(path: Path, header: dict, fingerprint: CacheFingerprint) -> _Problem | None:
-    if FINGERPRINT_KEY not in header:
-        return None  # written by kohya: reused when shapes and keys fit, like kohya itself does
+def _fingerprint_problem(stored_array: np.ndarray, fingerprint: CacheFingerprint) -> _Problem | None:
     try:
-        stored_text = str(read_npz_arrays(path, [FINGERPRINT_KEY])[FINGERPRINT_KEY].item())
-        stored = CacheFingerprint.from_string(stored_text)
-    except (CacheError, ValueError):
+        stored = CacheFingerprint.from_string(str(stored_array.item()))
+    except ValueError:
         return _Problem("unreadable fingerprint", "its sdtk_fingerprint cannot be parsed")
     changed = stored.differences(fingerprint)
     if changed:
@@ -236,6 +233,15 @@ def _fingerprint_problem(path: Path, header: dict, fingerprint: CacheFingerprint
         return _Problem("made with another " + "/".join(names.get(name, name) for name in changed),
                         "was made with other settings: " + ", ".join(changed))
     return None
+
+
+NOT_FINITE = "latents not finite (NaN/inf)"
+
+
+def _non_finite_keys(arrays: dict[str, np.ndarray], keys: list[str]) -> list[str]:
+    """The latent arrays holding NaN or inf: a half-precision VAE that overflowed wrote them, and training on
+    them only ends in a NaN loss."""
+    return [key for key in keys if key in arrays and not np.isfinite(arrays[key]).all()]
 
 
 def check_latent_cache(path: str | os.PathLike, bucket_reso: tuple[int, int], need_flipped: bool, need_alpha: bool,
@@ -256,20 +262,42 @@ def check_latent_cache(path: str | os.PathLike, bucket_reso: tuple[int, int], ne
         return False, "unreadable npz"
     suffix = _stored_form(header, bucket_reso)
     problem = _find_problem(header, suffix, bucket_reso, need_flipped, need_alpha)
-    if problem is None and fingerprint is not None and not suffix:
-        # our fingerprint describes the un-suffixed arrays only; suffixed ones come from newer kohya versions
-        problem = _fingerprint_problem(path, header, fingerprint)
+    if problem is None:
+        problem = _content_problem(path, header, suffix, need_flipped, fingerprint)
     if problem is not None:
         logger.debug("%s: cache invalid: %s", path, problem.detail)
         return False, problem.reason
     return True, "ok"
 
 
+def _content_problem(path: Path, header: dict, suffix: str, need_flipped: bool,
+                     fingerprint: CacheFingerprint | None) -> _Problem | None:
+    """Fingerprint and finite-latents checks, reading the few arrays they need in one pass over the file."""
+    latent_keys = ["latents" + suffix] + (["latents_flipped" + suffix] if need_flipped else [])
+    # our fingerprint describes the un-suffixed arrays only; suffixed ones come from newer kohya versions
+    check_fingerprint = fingerprint is not None and not suffix and FINGERPRINT_KEY in header
+    try:
+        arrays = read_npz_arrays(path, latent_keys + ([FINGERPRINT_KEY] if check_fingerprint else []))
+    except CacheError:
+        return _Problem("unreadable npz", "an array cannot be read")
+    if check_fingerprint:
+        # a file without our fingerprint was written by kohya: reused when shapes and keys fit, as kohya does
+        problem = _fingerprint_problem(arrays[FINGERPRINT_KEY], fingerprint)
+        if problem is not None:
+            return problem
+    bad = _non_finite_keys(arrays, latent_keys)
+    if bad:
+        logger.warning("%s: cached %s contain NaN/inf values; encoding the image again", path, " and ".join(bad))
+        return _Problem(NOT_FINITE, f"{' and '.join(bad)} contain NaN/inf values")
+    return None
+
+
 def load_latent_cache(path: str | os.PathLike, bucket_reso: tuple[int, int], need_flipped: bool,
                       need_alpha: bool) -> LatentCacheEntry:
     """Read the entry for `bucket_reso`, from kohya's snapshot keys or the suffixed multi-resolution keys.
 
-    Raises CacheError naming the file and the problem (missing file or key, wrong size, corrupt archive).
+    Raises CacheError naming the file and the problem (missing file or key, wrong size, corrupt archive,
+    NaN/inf latents).
     """
     path = Path(path)
     if not path.is_file():
@@ -284,6 +312,9 @@ def load_latent_cache(path: str | os.PathLike, bucket_reso: tuple[int, int], nee
                                   if key + suffix in header and (key != "alpha_mask" or need_alpha)]
     arrays = read_npz_arrays(path, [key + suffix for key in keys])
     value = {key: arrays[key + suffix] for key in keys}
+    bad = _non_finite_keys(value, ["latents", "latents_flipped"])
+    if bad:
+        raise CacheError(path, f"{' and '.join(bad)} contain NaN/inf values", SKIP_CHECK_HINT)
     return LatentCacheEntry(
         latents=value["latents"].astype(np.float32, copy=False),
         original_size=tuple(int(size) for size in value["original_size"].tolist()),

@@ -25,6 +25,7 @@ from library.sampling.prompts import (
     seed_number,
     whole_number,
 )
+from library.text_files import read_utf8_text
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +182,7 @@ def read_prompt_file(path: str | Path) -> list[PromptOptions]:
     path = Path(path)
     if not path.is_file():
         raise FlagError(f"--from_file {path}: file not found")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as error:
-        raise FlagError(f"--from_file {path}: expected UTF-8 text ({error})") from None
+    lines = read_utf8_text(path, "--from_file").splitlines()
     prompts = []
     for number, line in enumerate(lines, start=1):
         stripped = line.strip()

@@ -24,6 +24,7 @@ from library.generation import image_output, prompt_options
 from library.generation.networks import AppliedNetworks, NetworkSpec, load_networks, network_specs
 from library.generation.prompt_options import PromptOptions, SeedSource
 from library.options import generation as defaults
+from library.output_folders import check_writable_folder
 from library.sampling.pipeline import ImageJob, RenderSettings, SizeConditioning, generate_batch
 from library.text import textual_inversion
 from library.text.conditioning import CaptionEncoder
@@ -82,9 +83,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.highres_fix_scale is not None and args.image_path:
         logger.warning("--highres_fix_scale applies to text-to-image; images from --image_path are rendered at "
                        "their size without it")
-    outdir = Path(args.outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise FlagError(f"--outdir {outdir}: is a file; expected a folder")
+    check_writable_folder(args.outdir, "--outdir")
     for file in args.textual_inversion_embeddings or []:
         if not Path(file).is_file():
             raise FlagError(f"--textual_inversion_embeddings {file}: file not found")

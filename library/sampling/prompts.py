@@ -14,6 +14,7 @@ from typing import Any
 
 from library.errors import ConfigError, FlagError
 from library.sampling.samplers import SAMPLER_NAMES
+from library.text_files import read_utf8_text
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
     """Read a `--sample_prompts` file (.txt, .toml or .json); each prompt's `index` is its position.
 
     Raises:
-        FlagError: the file is missing or has another extension.
+        FlagError: the file is missing, has another extension or is not UTF-8.
         ConfigError: a value in the file is wrong (names the file and the line or key).
     """
     path = Path(path)
@@ -254,7 +255,7 @@ def load_sample_prompts(path: str | Path) -> list[SamplePrompt]:
 
 def _read_txt(path: Path) -> list[SamplePrompt]:
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8_text(path, "--sample_prompts").splitlines(), start=1):
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):
             prompts.append(parse_prompt_line(stripped, f"{path}:{number}"))
@@ -265,7 +266,7 @@ def _read_toml(path: Path) -> list[SamplePrompt]:
     import toml
 
     try:
-        document = toml.loads(path.read_text(encoding="utf-8"))
+        document = toml.loads(read_utf8_text(path, "--sample_prompts"))
     except toml.TomlDecodeError as error:
         raise ConfigError(path, f"line {error.lineno}", "valid TOML", hint=error.msg) from None
     table = document.get("prompt")
@@ -290,7 +291,7 @@ def _read_toml(path: Path) -> list[SamplePrompt]:
 
 def _read_json(path: Path) -> list[SamplePrompt]:
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(read_utf8_text(path, "--sample_prompts"))
     except json.JSONDecodeError as error:
         raise ConfigError(path, f"line {error.lineno}", "valid JSON", hint=error.msg) from None
     if not isinstance(entries, list):

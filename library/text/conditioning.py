@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from library.errors import FlagError
 from library.families import ModelFamily
 from library.text.encode import TextConds, encode_chunks, layer_for_clip_skip
 from library.text.prompt_weights import chunks_needed, tokenize_weighted
@@ -31,6 +32,10 @@ class CaptionEncoder:
         self.family, self.tokenizers, self.text_encoders = family, list(tokenizers), list(text_encoders)
         self.max_token_length, self.clip_skip, self.weighted = max_token_length, clip_skip, weighted
         self.layer = layer_for_clip_skip(clip_skip)
+        layers = getattr(getattr(self.text_encoders[0], "config", None), "num_hidden_layers", None)
+        if clip_skip and not self.dual and isinstance(layers, int) and clip_skip > layers:
+            raise FlagError(f"--clip_skip {clip_skip}: this model's text encoder has only {layers} layers; expected "
+                            f"1 to {layers} (2 = the penultimate layer)")
 
     @property
     def dual(self) -> bool:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from library.errors import FlagError
+from library.families import file_kind
 from library.models.state_dict_io import TensorFile
 from networks import naming
 
@@ -301,6 +302,13 @@ def check_network_weights_family(path: str | os.PathLike, family_name: str, flag
     tensor_file = TensorFile(path)
     try:
         keys = tensor_file.keys()
+        kind = file_kind(keys)
+        if kind in ("checkpoint", "embedding", "vae", "bare-unet"):
+            what = {"checkpoint": "a full model checkpoint", "embedding": "a textual-inversion embedding",
+                    "vae": "a VAE", "bare-unet": "a U-Net state dict"}[kind]
+            raise FlagError(f"{flag} {path}: is {what}, not a network (LoRA) file"
+                            + ("; a base model goes in --pretrained_model_name_or_path" if kind == "checkpoint"
+                               else ""))
         candidates, evidence = _families_from_prefixes(keys)
         if candidates is None or len(candidates) > 1:
             by_shape, shape_evidence = _family_from_shapes(tensor_file, keys)

@@ -15,7 +15,7 @@ import torch
 from library.data.caching import cache_latents, cache_text_encoder_outputs
 from library.data.latent_cache import FINGERPRINT_KEY, CacheError, LatentCacheEntry
 from library.data.text_cache import CAPTION_FINGERPRINT_KEY
-from library.errors import FlagError
+from library.errors import FlagError, UserInputError
 from library.text.conditioning import CaptionEncoder
 from library.text.tokenize import load_tokenizers
 from tests.cache_fixtures import (
@@ -248,6 +248,66 @@ def test_each_process_caches_its_share_even_when_the_other_started_first(tmp_pat
 
 
 # ---- refusals -----------------------------------------------------------------------------------------------------
+
+class OverflowingVae(torch.nn.Module):
+    """The wrapped VAE as caching sees one running in `dtype`, whose posterior mean overflows for every image
+    (an fp16 SDXL VAE does this on bright images)."""
+
+    def __init__(self, vae, dtype: torch.dtype):
+        super().__init__()
+        self.marker = torch.nn.Parameter(torch.zeros(1, dtype=dtype))  # the first parameter sets the dtype
+        self.vae = vae
+
+    def encode(self, pixels: torch.Tensor):
+        distribution = self.vae.encode(pixels.float()).latent_dist
+        mean = distribution.mean.clone()
+        mean[:, 0, 0, 0] = float("inf")
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=distribution.std))
+
+
+@pytest.mark.parametrize("dtype, hint", [
+    (torch.float16, "the VAE runs in float16, which overflows on some images; pass --no_half_vae to encode in "
+                    "float32"),
+    (torch.float32, "the VAE runs in float32, so its weights are probably damaged; check the VAE or model file"),
+])
+def test_nan_latents_from_the_vae_stop_before_any_cache_is_written(tmp_path, sdxl_vae, dtype, hint):
+    image_dir = make_dreambooth_dir(tmp_path, {"square": SIZES["square"]})
+    cache_latents(build_group(tmp_path, "--resolution", "64"), sdxl_vae, to_disk=True, latent_suffix="sdxl")
+    old_cache = image_dir / "square_0064x0064_sdxl.npz"
+    before = old_cache.read_bytes()
+    with pytest.raises(UserInputError) as raised:  # another VAE: the old file is stale and would be redone
+        cache_latents(build_group(tmp_path, "--resolution", "64"), OverflowingVae(sdxl_vae, dtype), to_disk=True,
+                      latent_suffix="sdxl")
+    assert str(raised.value) == (f"{image_dir / 'square.png'}: the VAE encoded this image to NaN/inf latents; "
+                                 f"{hint} (no cache was written for it)")
+    assert old_cache.read_bytes() == before and npz_names(image_dir) == ["square_0064x0064_sdxl.npz"]
+
+
+def test_nan_latents_in_memory_mode_name_every_image_of_the_batch(tmp_path, sdxl_vae):
+    image_dir = make_dreambooth_dir(tmp_path, TWO_SIZES)
+    group = build_group(tmp_path, "--resolution", "64", "--flip_aug")
+    with pytest.raises(UserInputError) as raised:
+        cache_latents(group, OverflowingVae(sdxl_vae, torch.bfloat16), to_disk=False, latent_suffix="sdxl",
+                      vae_batch_size=2)
+    assert str(raised.value).startswith(f"{image_dir / 'square.png'}, {image_dir / 'wide.png'}: the VAE encoded "
+                                        "these images to NaN/inf latents; the VAE runs in bfloat16")
+    assert all(info.latents is None for info in group.images) and npz_names(image_dir) == []
+
+
+def test_a_cached_file_with_nan_latents_is_encoded_again_with_a_warning(tmp_path, sdxl_vae, caplog):
+    image_dir = make_dreambooth_dir(tmp_path, TWO_SIZES)
+    cache_latents(build_group(tmp_path, "--resolution", "64"), sdxl_vae, to_disk=True, latent_suffix="sdxl")
+    poisoned = image_dir / "wide_0096x0064_sdxl.npz"
+    arrays = read_npz(poisoned)
+    arrays["latents"][0, 0, 0] = np.nan  # what an overflowing half-precision VAE wrote in an earlier run
+    np.savez(poisoned, **arrays)
+    with caplog.at_level("WARNING", logger="library.data.latent_cache"):
+        stats = cache_latents(build_group(tmp_path, "--resolution", "64"), sdxl_vae, to_disk=True,
+                              latent_suffix="sdxl")
+    assert (stats.computed, stats.reused, stats.invalid_reasons) == (1, 1, {"latents not finite (NaN/inf)": 1})
+    assert f"{poisoned}: cached latents contain NaN/inf values; encoding the image again" in caplog.text
+    assert np.isfinite(read_npz(poisoned)["latents"]).all()
+
 
 @pytest.mark.parametrize("flag", ["--color_aug", "--random_crop"])
 def test_latent_caching_refuses_augmentations_that_change_pixels(tmp_path, sdxl_vae, flag):

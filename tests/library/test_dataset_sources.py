@@ -227,6 +227,18 @@ def test_no_images_anywhere_is_a_user_error_with_a_hint(tmp_path):
                                  "(it must be the parent of folders named like '10_sks dog')")
 
 
+def test_no_images_beside_a_zero_repeat_subset_says_it_was_skipped(tmp_path):
+    write_images(tmp_path / "muted", [SQUARE] * 2)
+    (tmp_path / "empty").mkdir()
+    config = {"datasets": [{"resolution": 64, "subsets": [{"image_dir": str(tmp_path / "muted"), "num_repeats": 0},
+                                                          {"image_dir": str(tmp_path / "empty")}]}]}
+    with pytest.raises(UserInputError) as raised:
+        group_from_config(tmp_path, config)
+    assert str(raised.value).endswith("no images found in any dataset; check image_dir / train_data_dir (it must be "
+                                      "the parent of folders named like '10_sks dog'); 1 subset with num_repeats 0 "
+                                      "skipped")
+
+
 def test_corrupt_images_are_all_listed_before_any_model_loads(tmp_path):
     folder = tmp_path / "train" / "1_sks"
     write_images(folder, [SQUARE])

@@ -163,6 +163,47 @@ def test_invalid_caches_are_reported_with_a_reason(tmp_path, case, bucket, need_
     assert check_latent_cache(path, bucket, need_flipped, need_alpha, fingerprint, skip_check=False) == (False, reason)
 
 
+@pytest.mark.parametrize("poisoned, fingerprint, need_flipped, bad_keys", [
+    ("latents", FINGERPRINT, False, "latents"),
+    ("latents_flipped", FINGERPRINT, True, "latents_flipped"),
+    ("latents", None, True, "latents"),  # a kohya-style check without our fingerprint
+])
+def test_nan_or_inf_latents_make_a_cache_invalid_with_a_warning(tmp_path, caplog, poisoned, fingerprint,
+                                                                 need_flipped, bad_keys):
+    path = tmp_path / "a_0300x0150_sd.npz"
+    entry = make_entry()
+    getattr(entry, poisoned)[0, 1, 2] = np.nan
+    getattr(entry, poisoned)[1, 0, 0] = np.inf
+    save_latent_cache(path, entry, FINGERPRINT)
+    before = path.read_bytes()
+    with caplog.at_level("WARNING", logger="library.data.latent_cache"):
+        result = check_latent_cache(path, BUCKET, need_flipped, True, fingerprint, skip_check=False)
+    assert result == (False, "latents not finite (NaN/inf)")
+    assert f"{path}: cached {bad_keys} contain NaN/inf values; encoding the image again" in caplog.text
+    assert path.read_bytes() == before  # checking never rewrites
+
+
+def test_nan_in_unused_flipped_latents_does_not_invalidate(tmp_path):
+    path = tmp_path / "a_0300x0150_sd.npz"
+    entry = make_entry()
+    entry.latents_flipped[:] = np.nan
+    save_latent_cache(path, entry, FINGERPRINT)
+    assert check_latent_cache(path, BUCKET, False, True, FINGERPRINT, skip_check=False) == (True, "ok")
+
+
+def test_loading_nan_latents_names_the_file(tmp_path):
+    path = tmp_path / "a_0300x0150_sd.npz"
+    entry = make_entry()
+    entry.latents[0, 0, 0] = np.nan
+    save_latent_cache(path, entry, FINGERPRINT)
+    # --skip_cache_check skips the check by design; reading the file for a batch still refuses it
+    assert check_latent_cache(path, BUCKET, True, True, FINGERPRINT, skip_check=True) == (True, "exists (not checked)")
+    with pytest.raises(CacheError) as error:
+        load_latent_cache(path, BUCKET, need_flipped=False, need_alpha=False)
+    assert str(error.value) == (f"{path}: latents contain NaN/inf values; run without --skip_cache_check so stale "
+                                "caches are made again, or delete the file")
+
+
 def test_skip_check_only_looks_for_the_file(tmp_path):
     path = tmp_path / "a_0300x0150_sd.npz"
     _garbage(path)

@@ -147,3 +147,35 @@ def test_broken_toml_names_the_line(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_sample_prompts(path)
     assert str(error.value).startswith(f"{path}: line 2: expected valid TOML")
+
+
+PROMPT_DOCUMENTS = {
+    ".txt": "a cat --w 512\n",
+    ".toml": '[prompt]\nwidth = 512\n[[prompt.subset]]\nprompt = "a cat"\n',
+    ".json": '[{"prompt": "a cat", "width": 512}]',
+}
+
+
+@pytest.mark.parametrize("suffix", list(PROMPT_DOCUMENTS))
+@pytest.mark.parametrize("encoding, found", [
+    ("utf-16", "UTF-16 text"),  # with a byte-order mark, as Windows Notepad's "Unicode" saves
+    ("utf-16-le", "NUL bytes (UTF-16 text?)"),  # without one: ASCII decodes, with a NUL after every letter
+    ("cp1252", "byte 0xe9 at offset 2, which is not UTF-8"),
+])
+def test_a_file_that_is_not_utf8_names_the_flag_and_the_file(tmp_path, suffix, encoding, found):
+    path = tmp_path / f"prompts{suffix}"
+    # an accented letter at offset 2 for the Windows-1252 case
+    text = {".txt": "a \u00e9 cat\n", ".toml": "# \u00e9\n", ".json": '["\u00e9"]'}[suffix] \
+        if encoding == "cp1252" else PROMPT_DOCUMENTS[suffix]
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(FlagError) as error:
+        load_sample_prompts(path)
+    assert str(error.value) == f"--sample_prompts {path}: expected UTF-8 text, got {found}; save the file as UTF-8"
+
+
+@pytest.mark.parametrize("suffix", list(PROMPT_DOCUMENTS))
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path, suffix):
+    path = tmp_path / f"prompts{suffix}"
+    path.write_bytes(PROMPT_DOCUMENTS[suffix].encode("utf-8-sig"))
+    (prompt,) = load_sample_prompts(path)
+    assert (prompt.prompt, prompt.width) == ("a cat", 512)
