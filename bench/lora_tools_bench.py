@@ -162,12 +162,12 @@ def main() -> None:
     for device in devices(args.device):
         output = args.work / f"bench_extracted_{device}.safetensors"
         run = run_tool("networks.extract_lora_from_models", [
-            "--model_org", str(org), "--model_tuned", str(tuned), "--save_to", str(output), "--sdxl",
+            "--model_org", str(org), "--model_tuned", str(tuned), "--save_to", str(output), "--overwrite", "--sdxl",
             "--dim", str(extract_rank), "--conv_dim", str(extract_rank), "--device", device])
         rows.append((f"extract rank {extract_rank}", device, run))
         if resize_available():
             output = args.work / f"bench_resized_{device}.safetensors"
-            run = run_tool("networks.resize_lora", ["--model", str(lora), "--save_to", str(output),
+            run = run_tool("networks.resize_lora", ["--model", str(lora), "--save_to", str(output), "--overwrite",
                                                     "--new_rank", str(resize_rank), "--device", device])
             rows.append((f"resize {lora_rank} -> {resize_rank}", device, run))
         else:

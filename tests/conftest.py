@@ -48,3 +48,29 @@ class TinyModels:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> TinyModels:
     return TinyModels(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A factory of small tmpfs file systems (`small_disk(size_kib)` -> folder) for full-disk tests; skips with the
+    reason where the machine does not allow mounting one (no root, no mount permission in a container)."""
+    import shutil
+    import subprocess
+
+    mounted = []
+
+    def make(size_kib: int) -> Path:
+        if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a full-disk test needs root to mount a small tmpfs")
+        folder = tmp_path / f"small-disk-{len(mounted)}"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(folder)],
+                                capture_output=True, text=True, check=False)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)

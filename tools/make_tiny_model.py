@@ -17,6 +17,7 @@ if __package__ in (None, ""):
 from library.cli import run_cli
 from library.families import FAMILIES
 from library.models.save import SAVE_FORMATS
+from library.options.output_file import add_overwrite_argument, refuse_existing_output
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,13 @@ def setup_parser() -> argparse.ArgumentParser:
                         help="output format (default: from the output path)")
     parser.add_argument("--save_precision", choices=("float", "fp16", "bf16"), default=None,
                         help="dtype of the written weights (default: float)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_overwrite_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = setup_parser().parse_args(argv)
+    refuse_existing_output(args.output, args.overwrite, "output")
     from library.models.save import save_model
     from library.models.tiny import build_tiny_bundle
 

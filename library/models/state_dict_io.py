@@ -229,6 +229,18 @@ def is_disk_full(error: BaseException, folder: Path) -> bool:
     return False
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def set_umask_permissions(path: Path) -> None:
+    """The permissions a new file/folder gets from the umask. Writers that replace a file we created (safetensors'
+    does) leave it 0600, which a web UI or ComfyUI running as another user cannot read."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
+
+
 def free_bytes(folder: Path) -> int | None:
     try:
         return shutil.disk_usage(folder).free
@@ -259,6 +271,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True, folder: bool 
     temp = new_temp_folder(path) if folder else new_temp_file(path)
     try:
         yield temp
+        set_umask_permissions(temp)
         if folder and path.is_dir():
             # a folder cannot be replaced by rename; move the old one aside first, so one of them is always there
             backup = new_temp_folder(path, suffix=".old")
@@ -268,7 +281,9 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True, folder: bool 
         else:
             os.replace(temp, path)
     except Exception as error:  # noqa: BLE001 - re-raised unless it is a full disk
-        full = not isinstance(error, UserInputError) and is_disk_full(error, path.parent)
+        # a DiskFullError from a nested atomic write names its temp file; name the user's file instead
+        full = isinstance(error, DiskFullError) or (not isinstance(error, UserInputError)
+                                                    and is_disk_full(error, path.parent))
         remove_path(temp)
         if full:
             raise DiskFullError(path, free_bytes(path.parent)) from None

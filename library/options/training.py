@@ -34,10 +34,11 @@ def vae_dtype(mixed_precision: str | None, no_half_vae: bool) -> torch.dtype:
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a training run writes, and how often (kohya's flags, COMPAT §17)."""
     group = parser.add_argument_group("output and saving")
-    group.add_argument("--output_dir", type=str, default=None, help="folder for the trained files, samples and states")
+    group.add_argument("--output_dir", type=str, default=None, help="folder for the trained files, samples and states (checked at start: it must be writable, with room "
+                            "for the saves the flags ask for)")
     group.add_argument("--output_name", type=str, default=None,
-                       help="base name of the saved files (default: 'last' for the final file, 'epoch'/'at' for "
-                            "intermediate ones, as kohya)")
+                       help="base name of the saved files, a file name without folders (default: 'last' for the "
+                            "final file, 'epoch'/'at' for intermediate ones, as kohya)")
     group.add_argument("--save_every_n_epochs", type=positive_int, default=None, help="save every N epochs")
     group.add_argument("--save_every_n_steps", type=positive_int, default=None, help="save every N optimizer steps")
     group.add_argument("--save_last_n_epochs", type=positive_int, default=None,
@@ -49,14 +50,17 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save_last_n_steps_state", type=positive_int, default=None,
                        help="keep only the step states of the last N steps (default: --save_last_n_steps)")
     group.add_argument("--save_state", action="store_true",
-                       help="with every save, also save the training state (optimizer, scheduler, RNG, data "
-                            "position) to a '-state' folder for --resume")
+                       help="with every save, also save the training state (network, optimizer, scheduler, RNG, "
+                            "data position) to a '-state' folder for --resume (accelerate's layout, as kohya)")
     group.add_argument("--save_state_on_train_end", action="store_true",
                        help="save the training state once at the end of training")
     group.add_argument("--resume", type=str, default=None,
-                       help="resume from a '-state' folder: the run continues exactly where it stopped")
+                       help="resume from a '-state' folder: the run continues exactly where it stopped. Every file "
+                            "is checked against this run first and read without unpickling code (a file that would "
+                            "need it is refused)")
     group.add_argument("--overwrite_output", action="store_true",
-                       help="allow replacing files of the same name already in --output_dir (default: refuse)")
+                       help="allow replacing files and '-state' folders of the same name already in --output_dir "
+                            "(default: refuse)")
 
 
 def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,8 @@ import torch
 
 from library.errors import FlagError, TrainingStopped, UserInputError
 from library.models.state_dict_io import (DiskFullError, ModelFormatError, TensorFile, free_bytes, is_disk_full,
-                                          new_temp_folder, remove_path, safe_torch_load)
+                                          new_temp_folder, remove_path, safe_torch_load,
+                                          set_umask_permissions)
 from library.train.checkpoints import TrainProgress
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ def _write_main_files(partial: Path, progress: TrainProgress, network, optimizer
         torch.save(scaler.state_dict(), partial / SCALER_FILE)
     record = {**progress.to_json(), "optimizer_class": _class_path(optimizer), "scheduler_class": _class_path(scheduler)}
     (partial / TRAIN_STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    for path in partial.iterdir():
+        set_umask_permissions(path)
 
 
 def _move_into_place(partial: Path, folder: Path) -> None:

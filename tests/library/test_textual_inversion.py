@@ -316,3 +316,17 @@ def test_installing_into_copied_tokenizers_keeps_ids_contiguous(tmp_path):
     torch.testing.assert_close(encoder.get_input_embeddings().weight[-1], vectors(1, 32, seed=3)[0])
     with pytest.raises(ValueError, match="not installed"):
         embedding_token_ids(load_tokenizers(family_by_name("sd1"))[0], one)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin"])
+def test_an_embedding_that_would_run_code_is_refused_by_the_exception_type(tmp_path, suffix):
+    """torch 2.13 words the refusal "unsupported GLOBAL"; the check must not depend on the wording."""
+    from tests.payloads import write_payload
+
+    marker = tmp_path / "code-ran"
+    path = write_payload(tmp_path / f"evil{suffix}", marker, {"string_to_param": {"*": vectors(1, 32)}})
+    with pytest.raises(ModelFormatError) as raised:
+        load_embedding(path, family_by_name("sd1"), [32])
+    assert str(raised.value) == (f"{path}: contains Python objects other than tensors and plain values; refusing to "
+                                 "unpickle it, so no code in it can run")
+    assert not marker.exists()

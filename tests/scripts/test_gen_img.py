@@ -277,6 +277,27 @@ def test_bad_input_is_one_line_with_exit_code_2_before_the_model_loads(sd1_model
     assert expected in line
 
 
+def test_an_outdir_that_cannot_be_written_and_a_utf16_prompt_file_are_refused_before_the_model_loads(
+        sd1_model, tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    monkeypatch.setattr("library.models.load.load_target_model", no_loading)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep")
+    base = ["--ckpt", str(sd1_model), "--prompt", "x"]
+    line = run_error(gen_img.main, [*base, "--outdir", str(blocker)], capsys)
+    assert line == f"error: --outdir {blocker}: is a file; expected a folder (or a path where one can be created)"
+    line = run_error(gen_img.main, [*base, "--outdir", str(blocker / "images")], capsys)
+    assert line == f"error: --outdir {blocker / 'images'}: cannot be created because {blocker} is a file"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n", encoding="utf-16")
+    line = run_error(gen_img.main, ["--ckpt", str(sd1_model), "--outdir", str(tmp_path / "o"), "--from_file",
+                                    str(prompts)], capsys)
+    assert line == f"error: --from_file {prompts}: expected UTF-8 text, got UTF-16 text; save the file as UTF-8"
+    assert blocker.read_text() == "keep"
+
+
 def test_malformed_prompt_file_line_names_the_file_and_line(sd1_model, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog --s many\n", encoding="utf-8")

@@ -240,7 +240,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_mod
     # SGD: Adam's normalisation turns rounding noise in exactly-zero gradients (self-attention over one token at
     # the 1x1 mid block) into full-size updates, which would hide what is compared here
     common = ["--max_train_steps", "5", "--max_data_loader_n_workers", "0", "--noise_offset", "0.05",
-              "--optimizer_type", "SGD", "--learning_rate", "0.05"]
+              "--optimizer_type", "SGD", "--learning_rate", "0.05", "--save_every_n_steps", "3", "--save_state"]
     single_out = tmp_path / "single"
     run_sd(base_argv(model, toml, single_out, *common, "--gradient_accumulation_steps", "2"))
     ddp_out = tmp_path / "ddp"
@@ -252,6 +252,10 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_mod
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "batch accumulation 1, 2 process(es)" in output  # really distributed (LIBRARIES.md §5)
+    # every process wrote its random states into the one state folder (the save's parts are agreed collectively)
+    assert sorted(path.name for path in (ddp_out / "lora-step00000003-state").iterdir()) == [
+        "model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin",
+        "train_state.json"]
     single, ddp = load_file(single_out / "lora.safetensors"), load_file(ddp_out / "lora.safetensors")
     assert single.keys() == ddp.keys()
     scale = max(float(tensor.abs().max()) for key, tensor in single.items() if "lora_up" in key)
