@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,6 +77,7 @@ class LoRAFile:
     path: Path
     modules: dict[str, LoRAPair]
     metadata: dict[str, str]
+    damaged: dict[str, str] = field(default_factory=dict)  # module -> what is wrong (read_lora(strict=False))
 
     @property
     def family_hint(self) -> str | None:
@@ -107,12 +108,16 @@ def _not_a_lora_reason(keys: list[str]) -> str:
     return f"has no lora_down/lora_up tensors (first keys: {', '.join(keys[:3]) or 'none'}); expected a kohya LoRA"
 
 
-def read_lora(path: str | os.PathLike, flag: str = "LoRA", dtype: torch.dtype | None = torch.float32) -> LoRAFile:
+def read_lora(path: str | os.PathLike, flag: str = "LoRA", dtype: torch.dtype | None = torch.float32,
+              strict: bool = True) -> LoRAFile:
     """Read a kohya LoRA/LoCon file (`.safetensors`, `.pt`, `.ckpt`).
+
+    With `strict=False` a module missing its up or down tensor, or whose ranks disagree, is listed in
+    `LoRAFile.damaged` instead of stopping the read (check_lora_weights reports them).
 
     Raises:
         UserInputError: missing file (names `flag`).
-        ModelFormatError: a checkpoint, embedding or LyCORIS-only file, or a module missing its up/down tensor.
+        ModelFormatError: a checkpoint, embedding or LyCORIS-only file, or (strict) a damaged module.
     """
     path = Path(path)
     if not path.is_file():
@@ -120,16 +125,28 @@ def read_lora(path: str | os.PathLike, flag: str = "LoRA", dtype: torch.dtype | 
     source = TensorFile(path)
     try:
         keys = source.keys()
-        downs = [key for key in keys if key.endswith("." + naming.LORA_DOWN)]
-        if not downs:
+        down_suffix, up_suffix = "." + naming.LORA_DOWN, "." + naming.LORA_UP
+        names = {key[: -len(suffix)] for key in keys for suffix in (down_suffix, up_suffix) if key.endswith(suffix)}
+        if not any(key.endswith(down_suffix) for key in keys):
             raise ModelFormatError(path, _not_a_lora_reason(keys))
         modules: dict[str, LoRAPair] = {}
-        for down_key in downs:
-            name = down_key[: -len(naming.LORA_DOWN) - 1]
-            up_key, alpha_key = f"{name}.{naming.LORA_UP}", f"{name}.{naming.ALPHA}"
-            if up_key not in keys:
-                raise ModelFormatError(path, f"{down_key} has no matching {up_key}; the file is damaged")
-            down, up = source.get(down_key), source.get(up_key)
+        damaged: dict[str, str] = {}
+        for name in sorted(names):
+            down_key, up_key, alpha_key = f"{name}{down_suffix}", f"{name}{up_suffix}", f"{name}.{naming.ALPHA}"
+            problem = None
+            if down_key not in keys or up_key not in keys:
+                have, missing = (down_key, up_key) if down_key in keys else (up_key, down_key)
+                problem = f"{have} has no matching {missing}"
+            else:
+                down, up = source.get(down_key), source.get(up_key)
+                if up.dim() < 2 or up.shape[1] != down.shape[0]:
+                    problem = (f"{up_key} has shape {tuple(up.shape)}, which does not fit {down_key} "
+                               f"{tuple(down.shape)} (ranks differ)")
+            if problem is not None:
+                if strict:
+                    raise ModelFormatError(path, f"{problem}; the file is damaged")
+                damaged[name] = problem
+                continue
             if dtype is not None:
                 down, up = down.to(dtype), up.to(dtype)
             alpha = float(source.get(alpha_key).float().item()) if alpha_key in keys else float(down.shape[0])
@@ -137,7 +154,7 @@ def read_lora(path: str | os.PathLike, flag: str = "LoRA", dtype: torch.dtype | 
         metadata = dict(source.metadata)
     finally:
         source.close()
-    return LoRAFile(path, modules, metadata)
+    return LoRAFile(path, modules, metadata, damaged)
 
 
 def lora_state_dict(modules: Mapping[str, LoRAPair], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

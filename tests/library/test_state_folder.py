@@ -297,3 +297,16 @@ def test_state_files_get_the_umask_permissions(tmp_path):
     assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()} == {
         name: 0o644 for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
                                  "train_state.json")}
+
+
+def test_a_state_save_into_a_really_full_disk_is_one_error_and_leaves_nothing(small_disk):
+    disk = small_disk(256)
+    network = torch.nn.Linear(512, 512)  # 1 MiB of weights, 3 MiB with AdamW's buffers
+    optimizer = torch.optim.AdamW(network.parameters())
+    network(torch.ones(1, 512)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(DiskFullError, match=r"lora-state: the disk is full"):
+        state_folder.save_state(FakeAccelerator(), disk / "lora-state", TrainProgress(), network, optimizer,
+                                scheduler)
+    assert list(disk.iterdir()) == []

@@ -79,3 +79,92 @@ def test_a_checkpoint_is_refused_with_exit_code_2(tiny_models):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tiny_models.path('sd1')}: is a model checkpoint, not a LoRA; pass it as the model "
         "(e.g. --sd_model / --model_org)")
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora_with_text_encoders(tiny_models, tmp_path_factory) -> Path:
+    """An SDXL LoRA trained by our trainer with both text encoders (2 steps on the tiny SDXL)."""
+    import sdxl_train_network
+    from tests.scripts.test_train_network import base_argv, dataset_toml
+
+    folder = tmp_path_factory.mktemp("sdxl_te_lora")
+    sdxl_train_network.main(base_argv(tiny_models.path("sdxl"), dataset_toml(folder), folder / "out",
+                                      "--max_train_steps", "2", "--learning_rate", "1e-2"))
+    return folder / "out" / "lora.safetensors"
+
+
+def test_an_sdxl_lora_trained_with_text_encoders_passes_and_lists_te1_last_layer(sdxl_lora_with_text_encoders,
+                                                                                 tiny_models, capsys):
+    layers = tiny_models.bundle("sdxl").text_encoders[0].config.num_hidden_layers
+    run_cli(check_lora_weights.command_line, [str(sdxl_lora_with_text_encoders), "--json"])  # exit code 0
+    parsed = json.loads(capsys.readouterr().out)
+    prefix = f"lora_te1_text_model_encoder_layers_{layers - 1}_"
+    assert parsed["exit_code"] == 0 and parsed["flagged"] == []
+    assert sorted(parsed["never_trained"]) == sorted(
+        prefix + suffix for suffix in ("mlp_fc1", "mlp_fc2", "self_attn_k_proj", "self_attn_out_proj",
+                                       "self_attn_q_proj", "self_attn_v_proj"))
+    # TE2's last layer feeds the pooled embedding, so it learns
+    assert not any(name.startswith("lora_te2") for name in parsed["never_trained"])
+    run_cli(check_lora_weights.command_line, [str(sdxl_lora_with_text_encoders)])
+    lines = capsys.readouterr().out.splitlines()
+    assert "; 6 never trained (not used by this model family), 0 flagged" in lines[-2]
+    assert lines[-1].startswith("  never trained (not used by this model family): " + prefix)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("zero", "all zero (no effect)"),
+    ("nan", "non-finite (NaN/inf) values"),
+    ("missing_up", "damaged: lora_unet_{0}.lora_down.weight has no matching lora_unet_{0}.lora_up.weight"),
+    ("bad_shape", "damaged: lora_unet_{0}.lora_up.weight has shape"),
+])
+def test_real_damage_in_a_trained_sdxl_lora_still_exits_1_naming_the_module(sdxl_lora_with_text_encoders, tmp_path,
+                                                                            capsys, damage, expected):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(sdxl_lora_with_text_encoders)
+    module = next(key for key in sorted(tensors) if key.startswith("lora_unet_") and key.endswith(".lora_up.weight"))
+    name = module[: -len(".lora_up.weight")]
+    if damage == "zero":
+        tensors[module] = torch.zeros_like(tensors[module])
+    elif damage == "nan":
+        tensors[module][0, 0] = float("nan")
+    elif damage == "missing_up":
+        del tensors[module]
+    else:
+        tensors[module] = tensors[module][:, :1].contiguous()
+    path = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(check_lora_weights.command_line, [str(path)])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"  {name}: " + expected.format(name[len('lora_unet_'):])) for line in lines), lines
+    assert "1 flagged" in next(line for line in lines if line.startswith(str(path)))
+
+
+def test_sd1_layers_past_the_recorded_clip_skip_are_never_trained(tmp_path, capsys):
+    def module(value: float) -> LoRAPair:
+        return LoRAPair(torch.ones(1, 2), torch.full((2, 1), value), 1.0)
+
+    modules = {"lora_te_text_model_encoder_layers_0_mlp_fc1": module(1.0),
+               "lora_te_text_model_encoder_layers_1_mlp_fc1": module(0.0),
+               "lora_unet_down_blocks_0_attentions_0_proj_in": module(1.0)}
+    path = tmp_path / "clip_skip_2.safetensors"
+    write_lora(path, modules, {"ss_clip_skip": "2"})
+    assert check_lora_weights.main([str(path)]).exit_code == 0
+    assert "never trained (not used by this model family): lora_te_text_model_encoder_layers_1_mlp_fc1" in \
+        capsys.readouterr().out
+    # without clip_skip the last layer is used, so an all-zero module there is damage
+    write_lora(path, modules, {"ss_clip_skip": "None"}, overwrite=True)
+    report = check_lora_weights.main([str(path)])
+    assert report.exit_code == 1 and [stats.name for stats in report.flagged] == [
+        "lora_te_text_model_encoder_layers_1_mlp_fc1"]
+
+
+def test_help_says_what_each_exit_code_means():
+    result = subprocess.run([sys.executable, "networks/check_lora_weights.py", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, check=True)
+    text = " ".join(result.stdout.split())
+    assert "0 the file is healthy" in text
+    assert "1 real damage: NaN/inf values, an all-zero module that could have learned" in text
+    assert "2 the file cannot be read as a LoRA" in text
