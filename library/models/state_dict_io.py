@@ -58,7 +58,7 @@ def safe_torch_load(path: str | os.PathLike, *, mmap: bool = False, allowed_glob
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed_globals or [])):
+        with warnings.catch_warnings(), _allowing(allowed_globals or []):
             # torch warns about pickle protocols right before refusing a file; our one-line error says it all
             warnings.simplefilter("ignore", UserWarning)
             try:
@@ -181,6 +181,16 @@ class TensorFile:
 def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Read every tensor of a file (see TensorFile)."""
     return TensorFile(path).read(dtype=dtype)
+
+
+def _allowing(allowed_globals: list):
+    """torch's context for extra safe types (torch >= 2.5); older torch only has the process-wide list."""
+    if not allowed_globals:
+        return contextlib.nullcontext()
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(allowed_globals)
+    torch.serialization.add_safe_globals(allowed_globals)
+    return contextlib.nullcontext()
 
 
 def _looks_like_pickle(path: Path) -> bool:

@@ -46,8 +46,12 @@ def _numpy_array_globals() -> list:
     and dtypes only; an object array's items still go through the weights-only unpickler."""
     from numpy import dtypes
 
-    multiarray = getattr(np, "_core", None) or np.core
-    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, dtypes.UInt32DType]
+    reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
+    allowed: list = [reconstruct, np.ndarray, np.dtype, dtypes.UInt32DType]
+    if reconstruct.__module__ != "numpy.core.multiarray":
+        # states written under numpy 1.x (most kohya installs) name it numpy.core.multiarray._reconstruct
+        allowed.append((reconstruct, "numpy.core.multiarray._reconstruct"))
+    return allowed
 
 
 def _class_path(obj: Any) -> str:

@@ -310,3 +310,23 @@ def test_a_state_save_into_a_really_full_disk_is_one_error_and_leaves_nothing(sm
         state_folder.save_state(FakeAccelerator(), disk / "lora-state", TrainProgress(), network, optimizer,
                                 scheduler)
     assert list(disk.iterdir()) == []
+
+
+def test_random_states_written_under_numpy_1_are_read(saved_state):
+    """numpy 1.x pickles its arrays as numpy.core.multiarray._reconstruct; numpy 2 moved it to numpy._core."""
+    import zipfile
+
+    path = saved_state / "random_states_0.pkl"
+    np.random.set_state(torch.load(path, weights_only=False)["numpy_random_seed"])  # our own file, for the value
+    expected = np.random.rand()
+    with zipfile.ZipFile(path) as archive:
+        contents = {name: archive.read(name) for name in archive.namelist()}
+    pickle_name = next(name for name in contents if name.endswith("data.pkl"))
+    contents[pickle_name] = contents[pickle_name].replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in contents[pickle_name]
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in contents.items():
+            archive.writestr(name, data)
+    np.random.seed(123)
+    state_folder.load_state(FakeAccelerator(), saved_state, *training_objects())
+    assert np.random.rand() == expected
