@@ -37,9 +37,10 @@ def setup_parser(*, sdxl_script: bool = False) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, sdxl_script: bool = False) -> list[Path]:
+    args = setup_parser(sdxl_script=sdxl_script).parse_args(argv)
+    # imported after parsing, so --help and flag errors do not wait for torch and diffusers
     from library.generation.run import main as generate
 
-    args = setup_parser(sdxl_script=sdxl_script).parse_args(argv)
     expected = SDXL_ONLY if sdxl_script or getattr(args, "sdxl", False) else None
     return generate(args, expected)
 

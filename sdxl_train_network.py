@@ -10,6 +10,7 @@ conditioning). Arguments may also come from `--config_file args.toml`.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -17,33 +18,48 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from library.cli import run_cli
-from library.train.network_trainer import NetworkTrainer
 
 import train_network
 
 
-class SdxlNetworkTrainer(NetworkTrainer):
-    """SDXL hooks: the U-Net also takes the pooled TE2 vector and the size conditioning (COMPAT §14.4)."""
+@functools.cache
+def _sdxl_trainer_class() -> type:
+    """Defines SdxlNetworkTrainer on first use: its base class imports torch and diffusers, which --help and flag
+    errors should not wait for."""
+    from library.train.network_trainer import NetworkTrainer
 
-    supported_families = ("sdxl",)
+    class SdxlNetworkTrainer(NetworkTrainer):
+        """SDXL hooks: the U-Net also takes the pooled TE2 vector and the size conditioning (COMPAT §14.4)."""
 
-    def __init__(self):
-        super().__init__()
-        self.vae_scale_factor = 0.13025
-        self.is_sdxl = True
+        supported_families = ("sdxl",)
 
-    def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype):
-        from library.text.sdxl_cond import sdxl_time_ids
+        def __init__(self):
+            super().__init__()
+            self.vae_scale_factor = 0.13025
+            self.is_sdxl = True
 
-        time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
-        added = {"text_embeds": text_conds.pooled.to(noisy_latents.device, weight_dtype),
-                 "time_ids": time_ids.to(noisy_latents.device, weight_dtype)}
-        return unet(noisy_latents, timesteps, encoder_hidden_states=text_conds.hidden_states.to(weight_dtype),
-                    added_cond_kwargs=added).sample
+        def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype):
+            from library.text.sdxl_cond import sdxl_time_ids
 
-    def default_sample_size(self, args) -> tuple[int, int]:
-        """SDXL samples default to the training resolution (512 would be far off the model's range)."""
-        return self.training_resolution()
+            time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
+            added = {"text_embeds": text_conds.pooled.to(noisy_latents.device, weight_dtype),
+                     "time_ids": time_ids.to(noisy_latents.device, weight_dtype)}
+            return unet(noisy_latents, timesteps, encoder_hidden_states=text_conds.hidden_states.to(weight_dtype),
+                        added_cond_kwargs=added).sample
+
+        def default_sample_size(self, args) -> tuple[int, int]:
+            """SDXL samples default to the training resolution (512 would be far off the model's range)."""
+            return self.training_resolution()
+
+    SdxlNetworkTrainer.__qualname__ = "SdxlNetworkTrainer"  # as found by the module __getattr__ below (reprs, pickle)
+    return SdxlNetworkTrainer
+
+
+def __getattr__(name: str):
+    # `sdxl_train_network.SdxlNetworkTrainer` (kohya's scripts expose their trainer class) is built on first access
+    if name == "SdxlNetworkTrainer":
+        return _sdxl_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -55,7 +71,7 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None):
     args = train_network.parse_args(setup_parser(), argv)
-    return SdxlNetworkTrainer().train(args)
+    return _sdxl_trainer_class()().train(args)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None):
+    args = parse_args(setup_parser(), argv)
+    # imported after parsing, so --help and flag errors do not wait for torch and diffusers
     from library.train.network_trainer import NetworkTrainer
 
-    args = parse_args(setup_parser(), argv)
     return NetworkTrainer().train(args)
 
 

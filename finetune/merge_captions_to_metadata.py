@@ -17,7 +17,6 @@ if __package__ in (None, ""):
 
 from library.cli import run_cli
 from library.data.captions import read_utf8_text
-from library.data.images import IMAGE_EXTENSIONS, is_image_file, list_image_files
 from library.data.metadata import load_metadata_dict, write_metadata
 from library.errors import FlagError, UserInputError
 
@@ -50,6 +49,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def check_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     """The image folder and the output file, after refusing combinations that would lose data."""
+    from library.data.images import is_image_file  # numpy, torch: loaded after parsing, so --help stays fast
+
     if args.recursive and not args.full_path:
         raise FlagError("--recursive needs --full_path: images with the same stem in different folders "
                         "would overwrite each other's entry")
@@ -79,6 +80,8 @@ def starting_metadata(in_json: str | None, out_json: Path) -> dict[str, dict]:
 
 def merge_side_files(args: argparse.Namespace, field: str) -> Path:
     """Read each image's side file into `metadata[key][field]` and write out_json; returns its path."""
+    from library.data.images import IMAGE_EXTENSIONS, list_image_files
+
     image_dir, out_json = check_paths(args)
     extension = args.caption_extension if args.caption_extension.startswith(".") else "." + args.caption_extension
     images = list_image_files(image_dir, recursive=args.recursive)

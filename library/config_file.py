@@ -12,7 +12,6 @@ from typing import Any
 import toml
 
 from library.errors import ConfigError, FlagError
-from library.models.state_dict_io import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +60,8 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
 
 def write_output_config(parser: argparse.ArgumentParser, args: argparse.Namespace, path: Path) -> None:
     """Write every argument that differs from the parser default to `path`; refuse to overwrite (as kohya)."""
+    from library.models.state_dict_io import atomic_output  # imports torch, so not at module level (fast --help)
+
     if path.exists():
         raise FlagError(f"--output_config: {path} already exists; delete it or choose another --config_file")
     defaults = _effective_defaults(parser)

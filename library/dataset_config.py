@@ -19,12 +19,8 @@ import toml
 
 from library.data.captions import CaptionOptions
 from library.errors import ConfigError, FlagError, UserInputError
-from library.options.dataset import (
-    RESIZE_INTERPOLATIONS,
-    datasets_from_flags,
-    parse_face_crop_aug_range,
-    parse_resolution,
-)
+from library.options.choices import RESIZE_INTERPOLATIONS
+from library.options.dataset import datasets_from_flags, parse_face_crop_aug_range, parse_resolution
 from library.text_files import read_utf8_text
 
 logger = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,10 +23,10 @@ from tqdm import tqdm
 
 from library.cli import run_cli
 from library.errors import FlagError
-from library.models.save import precision_dtype
 from library.options.output_file import add_overwrite_argument, refuse_existing_output
-from networks.lora_file import LoRAFile, LoRAPair, read_lora, write_lora
-from networks.lora_rank import positive_rank, refuse_output_over_inputs
+
+if TYPE_CHECKING:  # the tensor modules import torch: loaded where used, so --help stays fast
+    from networks.lora_file import LoRAFile, LoRAPair
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def truncate(pair: LoRAPair, rank: int) -> LoRAPair:
     """The first `rank` units of a DyLoRA module; alpha unchanged as kohya copies it (COMPAT §3)."""
+    from networks.lora_file import LoRAPair
+
     return LoRAPair(pair.down[:rank].clone(), pair.up[:, :rank].clone(), pair.alpha)
 
 
@@ -92,6 +95,10 @@ def extract(lora: LoRAFile, rank: int) -> dict[str, LoRAPair]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = setup_parser().parse_args(argv)
+    from library.models.save import precision_dtype
+    from networks.lora_file import read_lora, write_lora
+    from networks.lora_rank import positive_rank, refuse_output_over_inputs
+
     positive_rank("--unit", args.unit)
     lora = read_lora(args.model, "--model", dtype=None)
     if lora.metadata.get("ss_network_module") not in (None, DYLORA_MODULE):

@@ -17,24 +17,23 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from tqdm import tqdm
 
 from library.cli import run_cli
 from library.errors import FlagError, ModelFormatError
 from library.families import ModelFamily
-from library.models.load import describe_family, detect_family, load_target_model
-from library.models.save import precision_dtype
-from library.models.state_dict_io import TensorFile
 from library.options.output_file import add_overwrite_argument, refuse_existing_output
 from library.train.metadata import modelspec_metadata
-from networks import lora as lora_network
-from networks.lora_file import LoRAPair, as_matrix, pair_from_factors, svd_factorize, write_lora
-from networks.lora_rank import SVD_CHUNK_ELEMENTS, positive_rank, refuse_output_over_inputs, resolve_device
+
+if TYPE_CHECKING:  # the tensor and model modules import torch: loaded where used, so --help stays fast
+    import torch
+
+    from networks.lora_file import LoRAPair
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +51,8 @@ class LayerPair:
     file_shape: tuple[int, ...]
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        import torch
+
         tuned = self.tuned.weight.detach().to(device=device, dtype=torch.float32)
         return tuned - self.org.weight.detach().to(device=device, dtype=torch.float32)
 
@@ -84,6 +85,8 @@ def setup_parser() -> argparse.ArgumentParser:
 
 def refuse_lora_file(path: str, flag: str) -> None:
     """A LoRA passed where a checkpoint is expected gets its own message, not a key-layout error."""
+    from library.models.state_dict_io import TensorFile
+
     if Path(path).is_dir() or not Path(path).is_file():
         return
     source = TensorFile(path)
@@ -99,6 +102,8 @@ def refuse_lora_file(path: str, flag: str) -> None:
 
 def check_families(args: argparse.Namespace) -> ModelFamily:
     """Both models must be one family (SD1 / SD2 / SDXL); --sdxl and --v2 must agree with the files."""
+    from library.models.load import describe_family, detect_family
+
     families = {}
     for flag in ("--model_org", "--model_tuned"):
         path = getattr(args, flag[2:])
@@ -121,6 +126,8 @@ def target_layers(org_bundle, tuned_bundle, conv_dim: int | None) -> list[LayerP
     The network is built with rank 1: its names and targets do not depend on the rank, and a rank-`dim` network
     of a full-size model would cost memory for nothing.
     """
+    from networks import lora as lora_network
+
     text_encoders = org_bundle.text_encoders
     network_args = {"conv_dim": 1, "conv_alpha": 1} if conv_dim else {}
     network = lora_network.create_network(1.0, 1, 1, org_bundle.vae,
@@ -159,6 +166,8 @@ def rank_for(layer: LayerPair, dim: int, conv_dim: int | None) -> int:
 
 def clamp_factors(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
     """kohya clips each module's factors to the `quantile` of their entries' magnitudes (per module, not per batch)."""
+    import torch
+
     if quantile >= 1.0:
         return up, down
     limit = torch.quantile(torch.cat([up.flatten(), down.flatten()]).abs().float(), quantile)
@@ -168,6 +177,11 @@ def clamp_factors(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tupl
 def factorize_layers(layers: list[LayerPair], dim: int, conv_dim: int | None, clamp_quantile: float,
                      device: torch.device) -> dict[str, LoRAPair]:
     """SVD of every ΔW, batched over layers of one (matrix shape, rank); chunks keep the stacked ΔWs bounded."""
+    import torch
+
+    from networks.lora_file import as_matrix, pair_from_factors, svd_factorize
+    from networks.lora_rank import SVD_CHUNK_ELEMENTS
+
     groups: dict[tuple, list[LayerPair]] = {}
     for layer in layers:
         matrix_shape = (layer.file_shape[0], int(torch.Size(layer.file_shape[1:]).numel()))
@@ -200,6 +214,8 @@ def extraction_metadata(family: ModelFamily, dim: int, conv_dim: int | None, no_
 
 
 def check_flags(args: argparse.Namespace) -> None:
+    from networks.lora_rank import positive_rank, refuse_output_over_inputs
+
     positive_rank("--dim", args.dim)
     positive_rank("--conv_dim", args.conv_dim)
     if not 0.0 < args.clamp_quantile <= 1.0:
@@ -213,6 +229,13 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, LoRAPair]:
     args = setup_parser().parse_args(argv)
+    import torch
+
+    from library.models.load import load_target_model
+    from library.models.save import precision_dtype
+    from networks.lora_file import write_lora
+    from networks.lora_rank import resolve_device
+
     check_flags(args)
     device = resolve_device(args.device)
     family = check_families(args)

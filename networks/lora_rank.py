@@ -13,11 +13,11 @@ import torch
 from tqdm import tqdm
 
 from library.errors import FlagError
+from library.options.choices import DYNAMIC_METHODS
 from networks.lora_file import LoRAPair, pair_from_factors, svd_factorize
 
 logger = logging.getLogger(__name__)
 
-DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 # one batched SVD call handles at most this many matrix elements, so big groups do not exhaust memory
 SVD_CHUNK_ELEMENTS = 1 << 25
 

@@ -27,24 +27,22 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from tqdm import tqdm
 
 from library.cli import run_cli
 from library.errors import FlagError, ModelFormatError
-from library.models.load import detect_family, load_target_model
-from library.models.save import precision_dtype, save_model
 from library.options.output_file import add_overwrite_argument, refuse_existing_output
-from library.train.network_module import check_network_weights_family
-from networks import lora as lora_network
 from networks import naming
-from networks.lora_file import (BASE_MODEL_KEYS, LoRAFile, LoRAPair, check_one_family, check_ratios, network_dims,
-                                read_lora, write_lora)
-from networks.lora_rank import refuse_output_over_inputs, resolve_device
+
+if TYPE_CHECKING:  # the tensor and model modules import torch: loaded where used, so --help stays fast
+    import torch
+
+    from networks.lora_file import LoRAFile, LoRAPair
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +120,8 @@ def module_ratio(name: str, ratio: float, block_weights: list[float] | None) -> 
 
 def scaled_state_dict(lora_file: LoRAFile, block_weights: list[float] | None) -> dict[str, torch.Tensor]:
     """The file's tensors with each U-Net up weight scaled by its block weight (1 without --lbws)."""
+    from networks.lora_file import LoRAPair
+
     state: dict[str, torch.Tensor] = {}
     for name, pair in lora_file.modules.items():
         factor = module_ratio(name, 1.0, block_weights)
@@ -132,6 +132,13 @@ def scaled_state_dict(lora_file: LoRAFile, block_weights: list[float] | None) ->
 def merge_into_checkpoint(args: argparse.Namespace, ratios: list[float], block_weights: list[list[float]] | None,
                           sdxl_only: bool) -> Path:
     """Check every LoRA against the checkpoint's family first, then load the model once and merge in place."""
+    from library.models.load import detect_family, load_target_model
+    from library.models.save import precision_dtype, save_model
+    from library.train.network_module import check_network_weights_family
+    from networks import lora as lora_network
+    from networks.lora_file import read_lora
+    from networks.lora_rank import resolve_device
+
     expected = ("sdxl",) if sdxl_only else None
     family = detect_family(args.sd_model, v2=args.v2 or None, expected_families=expected, flag="--sd_model")
     compute_dtype = precision_dtype(args.precision)
@@ -159,6 +166,8 @@ def merge_into_checkpoint(args: argparse.Namespace, ratios: list[float], block_w
 
 def _in_layout_of(pair: LoRAPair, reference: LoRAPair, name: str, path: object) -> LoRAPair:
     """`pair` reshaped to `reference`'s tensor layout (an SD2 projection may be 2-D or 1x1-conv, COMPAT §1.5)."""
+    from networks.lora_file import LoRAPair
+
     down_shape = (pair.rank, *reference.down.shape[1:])
     up_shape = (reference.up.shape[0], pair.rank, *reference.up.shape[2:])
     if pair.down.numel() != math.prod(down_shape) or pair.up.numel() != math.prod(up_shape):
@@ -171,6 +180,10 @@ def _in_layout_of(pair: LoRAPair, reference: LoRAPair, name: str, path: object) 
 
 def concat_pairs(pairs: Sequence[LoRAPair], ratios: Sequence[float]) -> LoRAPair:
     """Stack along the rank with ratio × scale in each up: ΔW = Σ ratio_i × ΔW_i exactly, alpha = new rank."""
+    import torch
+
+    from networks.lora_file import LoRAPair
+
     down = torch.cat([pair.down for pair in pairs], dim=0)
     up = torch.cat([pair.up * (ratio * pair.scale) for pair, ratio in zip(pairs, ratios)], dim=1)
     return LoRAPair(down, up, float(down.shape[0]))
@@ -179,6 +192,10 @@ def concat_pairs(pairs: Sequence[LoRAPair], ratios: Sequence[float]) -> LoRAPair
 def sum_pairs(pairs: Sequence[LoRAPair], ratios: Sequence[float]) -> LoRAPair:
     """kohya's equal-rank merge (see the module docstring): sqrt(|ratio| × alpha_i/alpha_1) on both factors,
     the ratio's sign on down, alpha from the first file."""
+    import torch
+
+    from networks.lora_file import LoRAPair
+
     base_alpha = pairs[0].alpha
     down = torch.zeros_like(pairs[0].down)
     up = torch.zeros_like(pairs[0].up)
@@ -190,6 +207,10 @@ def sum_pairs(pairs: Sequence[LoRAPair], ratios: Sequence[float]) -> LoRAPair:
 
 
 def shuffle_rank(pair: LoRAPair, generator: torch.Generator) -> LoRAPair:
+    import torch
+
+    from networks.lora_file import LoRAPair
+
     order = torch.randperm(pair.rank, generator=generator)
     return LoRAPair(pair.down[order], pair.up[:, order], pair.alpha)
 
@@ -222,6 +243,8 @@ def merge_lora_modules(loras: Sequence[LoRAFile], ratios: Sequence[float], conca
                        shuffle: bool = False, block_weights: list[list[float]] | None = None,
                        seed: int = 0) -> dict[str, LoRAPair]:
     """The merged modules by kohya name (see the module docstring for --concat / default / --shuffle)."""
+    import torch
+
     found = collect_modules(loras, ratios, block_weights)
     if not concat:
         check_equal_ranks(found)
@@ -236,6 +259,8 @@ def merge_lora_modules(loras: Sequence[LoRAFile], ratios: Sequence[float], conca
 
 
 def merged_lora_metadata(loras: Sequence[LoRAFile], modules: dict[str, LoRAPair], minimal: bool) -> dict[str, str]:
+    from networks.lora_file import BASE_MODEL_KEYS, network_dims
+
     dim, alpha, conv_dim, conv_alpha = network_dims(modules)
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": alpha}
     if conv_dim is not None:
@@ -253,6 +278,12 @@ def merged_lora_metadata(loras: Sequence[LoRAFile], modules: dict[str, LoRAPair]
 
 def merge_into_lora(args: argparse.Namespace, ratios: list[float], block_weights: list[list[float]] | None,
                     sdxl_only: bool) -> dict[str, LoRAPair]:
+    import torch
+
+    from library.models.save import precision_dtype
+    from networks.lora_file import LoRAFile, LoRAPair, check_one_family, read_lora, write_lora
+    from networks.lora_rank import resolve_device
+
     compute_dtype = precision_dtype(args.precision)
     loras = [read_lora(path, "--models", compute_dtype) for path in args.models]
     check_one_family(loras, sdxl_only)
@@ -275,6 +306,9 @@ def merge_into_lora(args: argparse.Namespace, ratios: list[float], block_weights
 def main(argv: list[str] | None = None, sdxl: bool = False) -> Path | dict[str, LoRAPair]:
     """Returns the saved checkpoint path (--sd_model) or the merged LoRA modules."""
     args = setup_parser(sdxl).parse_args(argv)
+    from networks.lora_file import check_ratios
+    from networks.lora_rank import refuse_output_over_inputs
+
     ratios = check_ratios(args.models, args.ratios)
     block_weights = parse_block_weights(getattr(args, "lbws", None), args.models)
     inputs = list(args.models) + ([args.sd_model] if args.sd_model else [])

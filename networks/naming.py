@@ -8,11 +8,12 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from library.errors import ModelFormatError
-from library.models.convert_unet import unet_key_pairs
+
+if TYPE_CHECKING:  # the schemes are plain data; tools read them (block counts) for --help without loading torch
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ class LoRATarget:
 
 
 def layer_kind(module: torch.nn.Module) -> str | None:
+    import torch
+
     if isinstance(module, torch.nn.Linear):
         return "linear"
     if isinstance(module, torch.nn.Conv2d):
@@ -155,6 +158,8 @@ def _children_of_targets(model: torch.nn.Module, classes: Sequence[str]) -> Iter
 
 def unet_sgm_module_paths(unet: torch.nn.Module) -> dict[str, str]:
     """diffusers module path -> SGM module path, derived from the U-Net state-dict key map (convert_unet)."""
+    from library.models.convert_unet import unet_key_pairs
+
     paths = {}
     for diffusers_key, sgm_key in unet_key_pairs(unet.config):
         paths[diffusers_key.rsplit(".", 1)[0]] = sgm_key.rsplit(".", 1)[0]

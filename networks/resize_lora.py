@@ -15,28 +15,23 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from tqdm import tqdm
 
 from library.cli import run_cli
 from library.errors import FlagError
-from library.models.save import precision_dtype
+from library.options.choices import DYNAMIC_METHODS
 from library.options.output_file import add_overwrite_argument, refuse_existing_output
-from networks.lora_file import LoRAFile, network_dims, read_lora, write_lora
-from networks.lora_rank import (
-    DYNAMIC_METHODS,
-    LowRankDelta,
-    Refactored,
-    choose_rank,
-    positive_rank,
-    refactor_deltas,
-    refuse_output_over_inputs,
-    resolve_device,
-)
+
+if TYPE_CHECKING:  # the tensor modules import torch: loaded where used, so --help stays fast
+    import torch
+
+    from networks.lora_file import LoRAFile
+    from networks.lora_rank import Refactored
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +74,8 @@ def resize_modules(lora: LoRAFile, new_rank: int, new_conv_rank: int, device: to
                    dynamic_method: str | None = None, dynamic_param: float | None = None) -> dict[str, Refactored]:
     """Every module re-factored to at most its new rank (never above its current rank), ΔW kept up to the
     dropped singular values; alpha = old_alpha × rank / old_rank keeps the scale (kohya)."""
+    from networks.lora_rank import LowRankDelta, choose_rank, refactor_deltas
+
     modules = lora.modules
 
     def rank_for(name: str, singular_values: torch.Tensor) -> int:
@@ -96,6 +93,8 @@ def resize_modules(lora: LoRAFile, new_rank: int, new_conv_rank: int, device: to
 def resized_metadata(metadata: dict[str, str], resized: dict[str, Refactored], old_ranks: str, new_rank: int,
                      new_conv_rank: int, dynamic_method: str | None, dynamic_param: float | None) -> dict[str, str]:
     """The input's metadata with the new dims/alphas and a note prepended to ss_training_comment (kohya)."""
+    from networks.lora_file import network_dims
+
     metadata = dict(metadata)
     pairs = {name: item.pair for name, item in resized.items()}
     dim, alpha, conv_dim, conv_alpha = network_dims(pairs)
@@ -137,6 +136,12 @@ def report(resized: dict[str, Refactored]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Refactored]:
     args = setup_parser().parse_args(argv)
+    import torch
+
+    from library.models.save import precision_dtype
+    from networks.lora_file import read_lora, write_lora
+    from networks.lora_rank import positive_rank, refuse_output_over_inputs, resolve_device
+
     positive_rank("--new_rank", args.new_rank)
     new_conv_rank = positive_rank("--new_conv_rank", args.new_conv_rank) or args.new_rank
     check_dynamic_flags(args.dynamic_method, args.dynamic_param)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from library.cli import run_cli
 from networks import merge_lora
-from networks.lora_file import LoRAPair
+
+if TYPE_CHECKING:
+    from networks.lora_file import LoRAPair
 
 logger = logging.getLogger(__name__)
 

@@ -14,27 +14,22 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from tqdm import tqdm
 
 from library.cli import run_cli
 from library.errors import ModelFormatError
-from library.models.save import precision_dtype
 from library.options.output_file import add_overwrite_argument, refuse_existing_output
-from networks.lora_file import (BASE_MODEL_KEYS, LoRAFile, LoRAPair, check_one_family, check_ratios, network_dims,
-                                read_lora, write_lora)
-from networks.lora_rank import (
-    LowRankDelta,
-    Refactored,
-    positive_rank,
-    refactor_deltas,
-    refuse_output_over_inputs,
-    resolve_device,
-)
+
+if TYPE_CHECKING:  # the tensor modules import torch: loaded where used, so --help stays fast
+    import torch
+
+    from networks.lora_file import LoRAFile, LoRAPair
+    from networks.lora_rank import LowRankDelta, Refactored
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +59,9 @@ def setup_parser() -> argparse.ArgumentParser:
 def summed_deltas(loras: list[LoRAFile], ratios: list[float], dtype: torch.dtype) -> dict[str, LowRankDelta]:
     """Per module name Σ ratio_i × ΔW_i (kept factored) in the first file's weight shape, so a 2-D and a 1x1-conv
     proj_in of SD2 (COMPAT §1.5) still add up."""
+    from networks.lora_file import LoRAPair
+    from networks.lora_rank import LowRankDelta
+
     found: dict[str, list[tuple[LoRAFile, LoRAPair, float]]] = {}
     for lora, ratio in zip(loras, ratios):
         for name, pair in lora.modules.items():
@@ -86,10 +84,14 @@ def _matrix_shape(pair: LoRAPair) -> tuple[int, int]:
 
 
 def merge_modules(loras: list[LoRAFile], ratios: list[float], new_rank: int, new_conv_rank: int,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> dict[str, Refactored]:
+                  dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> dict[str, Refactored]:
     """The merged modules: each summed ΔW at new_rank (3x3 convs new_conv_rank), capped by ΔW's own rank bound
-    (the summed ranks or the matrix size) since further singular values are zero."""
-    deltas = summed_deltas(loras, ratios, dtype)
+    (the summed ranks or the matrix size) since further singular values are zero. `dtype` None: float32."""
+    import torch
+
+    from networks.lora_rank import refactor_deltas
+
+    deltas = summed_deltas(loras, ratios, torch.float32 if dtype is None else dtype)
 
     def rank_for(name: str, singular_values: torch.Tensor) -> int:
         shape = deltas[name].weight_shape
@@ -100,6 +102,8 @@ def merge_modules(loras: list[LoRAFile], ratios: list[float], new_rank: int, new
 
 
 def merged_metadata(loras: list[LoRAFile], resized: dict[str, Refactored]) -> dict[str, str]:
+    from networks.lora_file import BASE_MODEL_KEYS, network_dims
+
     dim, alpha, conv_dim, conv_alpha = network_dims({name: item.pair for name, item in resized.items()})
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": alpha,
                 "ss_merged_from": ", ".join(lora.path.name for lora in loras),
@@ -115,6 +119,12 @@ def merged_metadata(loras: list[LoRAFile], resized: dict[str, Refactored]) -> di
 
 def main(argv: list[str] | None = None) -> dict[str, Refactored]:
     args = setup_parser().parse_args(argv)
+    import torch
+
+    from library.models.save import precision_dtype
+    from networks.lora_file import check_one_family, check_ratios, read_lora, write_lora
+    from networks.lora_rank import positive_rank, refuse_output_over_inputs, resolve_device
+
     ratios = check_ratios(args.models, args.ratios)
     positive_rank("--new_rank", args.new_rank)
     new_conv_rank = positive_rank("--new_conv_rank", args.new_conv_rank) or args.new_rank

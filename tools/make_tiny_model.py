@@ -16,7 +16,7 @@ if __package__ in (None, ""):
 
 from library.cli import run_cli
 from library.families import FAMILIES
-from library.models.save import SAVE_FORMATS
+from library.options.choices import SAVE_FORMATS
 from library.options.output_file import add_overwrite_argument, refuse_existing_output
 
 logger = logging.getLogger(__name__)

@@ -14,20 +14,22 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from tqdm import tqdm
 
 from library.cli import run_cli
 from library.errors import FlagError, ModelFormatError
 from library.families import UNET_PREFIX, ModelFamily
-from library.models.load import describe_family, detect_family
-from library.models.save import checkpoint_metadata, precision_dtype
-from library.models.state_dict_io import TensorFile, write_state_dict
 from library.options.output_file import add_overwrite_argument, refuse_existing_output
+
+if TYPE_CHECKING:  # the model modules import torch: loaded where used, so --help stays fast
+    import torch
+
+    from library.models.state_dict_io import TensorFile
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ def check_inputs(models: list[str], ratios: list[float] | None, output: str) -> 
 
 def check_one_family(models: list[str]) -> ModelFamily:
     """All models must share the architecture (SD1.x, SD2.x, SDXL); v-prediction variants may be mixed."""
+    from library.models.load import describe_family, detect_family
+
     families = [detect_family(model, flag="--models") for model in models]
     first = families[0]
     for model, family in zip(models[1:], families[1:]):
@@ -87,6 +91,8 @@ def is_merged(key: str, tensor: torch.Tensor, unet_only: bool) -> bool:
 def merge_checkpoints(models: list[str], ratios: list[float], unet_only: bool = False,
                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Σ ratio_i × W_i per tensor in float32 on `device`, reading one model at a time; keys of the first model."""
+    from library.models.state_dict_io import TensorFile
+
     merged: dict[str, torch.Tensor] = {}
     for index, (model, ratio) in enumerate(zip(models, ratios)):
         reader = TensorFile(model)
@@ -101,6 +107,8 @@ def merge_checkpoints(models: list[str], ratios: list[float], unet_only: bool = 
 
 def add_tensor(merged: dict[str, torch.Tensor], key: str, reader: TensorFile, model: str, ratio: float,
                first: bool, unet_only: bool, device: torch.device | str) -> None:
+    import torch
+
     if first:
         tensor = reader.get(key)
         merged[key] = tensor.to(device, torch.float32) * ratio if is_merged(key, tensor, unet_only) else tensor
@@ -120,6 +128,11 @@ def add_tensor(merged: dict[str, torch.Tensor], key: str, reader: TensorFile, mo
 
 def main(argv: list[str] | None = None) -> Path:
     args = setup_parser().parse_args(argv)
+    import torch
+
+    from library.models.save import checkpoint_metadata, precision_dtype
+    from library.models.state_dict_io import write_state_dict
+
     ratios = check_inputs(args.models, args.ratios, args.output)
     refuse_existing_output(args.output, args.overwrite, "--output")
     family = check_one_family(args.models)

@@ -13,18 +13,19 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from library.cli import run_cli
-from library.data.images import CorruptImageError, is_image_file, load_image, resize_image
 from library.errors import FlagError, UserInputError
-from library.models.state_dict_io import atomic_output
+
+if TYPE_CHECKING:  # numpy, and torch through the image and file modules, load where used: --help stays fast
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ def resize_to_area(image: np.ndarray, max_pixels: int, divisible_by: int, interp
 
 
 def _resize(image: np.ndarray, size: tuple[int, int], interpolation: str | None) -> np.ndarray:
+    import numpy as np
+
+    from library.data.images import resize_image
+
     # kohya's tool: cubic and lanczos4 go through PIL, everything else is OpenCV INTER_AREA
     if interpolation == "cubic":
         return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
@@ -98,11 +103,15 @@ def _check_folders(source: Path, destination: Path) -> None:
 
 
 def _copy(source: Path, destination: Path) -> None:
+    from library.models.state_dict_io import atomic_output
+
     with atomic_output(destination, overwrite=True) as temp:
         shutil.copyfile(source, temp)
 
 
 def _save(image: np.ndarray, destination: Path, as_png: bool) -> None:
+    from library.models.state_dict_io import atomic_output
+
     with atomic_output(destination, overwrite=True) as temp:
         Image.fromarray(image).save(temp, format="PNG" if as_png else "JPEG", quality=100)
 
@@ -110,6 +119,8 @@ def _save(image: np.ndarray, destination: Path, as_png: bool) -> None:
 def resize_folder(source: Path, destination: Path, max_resolutions: list[tuple[str, int]], divisible_by: int,
                   interpolation: str | None, save_as_png: bool, copy_associated_files: bool) -> list[Path]:
     """Write the resized images (and copies) into `destination`; returns the written paths in order."""
+    from library.data.images import CorruptImageError, is_image_file, load_image
+
     _check_folders(source, destination)
     destination.mkdir(parents=True, exist_ok=True)
     files = sorted(path for path in source.iterdir() if path.is_file() and not path.name.startswith("."))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from library.data.buckets import BucketAssignment
 from library.errors import FlagError, UserInputError
+from library.options.choices import RESIZE_INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = tuple(
     ext for lower in _BASE_EXTENSIONS + _openable_extensions([".avif", ".jxl"]) for ext in (lower, lower.upper()))
 _IMAGE_SUFFIXES = frozenset(ext.lower() for ext in IMAGE_EXTENSIONS)
 
-# kohya's `resize_interpolation` names: Lanczos and box through PIL, the rest through OpenCV (COMPAT §9.2)
-RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+# Lanczos and box through PIL, the other RESIZE_INTERPOLATIONS through OpenCV (COMPAT §9.2)
 _PIL_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
 _CV2_FLAGS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR,
               "bicubic": cv2.INTER_CUBIC, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}

@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from library.data.images import IMAGE_EXTENSIONS
 from library.errors import ConfigError, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -123,6 +122,8 @@ def resolve_image_path(image_dir: str | Path | None, image_key: str) -> Path | N
     An absolute key is used as is; otherwise `image_dir/key` when that file exists, else `image_dir/key` plus
     each image extension, because kohya's tools write the file stem without `--full_path` (COMPAT §9.6).
     """
+    from library.data.images import IMAGE_EXTENSIONS  # numpy, torch: not for the finetune tools' --help
+
     key_path = Path(image_key)
     if key_path.is_absolute():
         return key_path if key_path.is_file() else None

@@ -20,10 +20,10 @@ from library.families import UNET_PREFIX, VAE_PREFIX, ModelFamily
 from library.models import convert_clip, convert_unet, convert_vae
 from library.models.bundle import ModelBundle
 from library.models.state_dict_io import atomic_output, write_state_dict
+from library.options.choices import SAVE_FORMATS
 
 logger = logging.getLogger(__name__)
 
-SAVE_FORMATS = ("ckpt", "safetensors", "diffusers", "diffusers_safetensors")
 PRECISIONS = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -9,8 +9,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from library.data.images import RESIZE_INTERPOLATIONS
 from library.errors import FlagError, UserInputError
+from library.options.choices import RESIZE_INTERPOLATIONS
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from library.options.value_types import fraction, positive_int
-from library.sampling.samplers import SAMPLER_NAMES
+from library.options.choices import SAMPLER_NAMES
 
 DEFAULT_STEPS = 50
 DEFAULT_SCALE = 7.5

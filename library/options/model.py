@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from library.models.save import SAVE_FORMATS
+from library.options.choices import SAVE_FORMATS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

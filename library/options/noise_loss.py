@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
 from library.errors import FlagError
-from library.train.loss import HUBER_LOSS_TYPES, HUBER_SCHEDULES, LOSS_TYPES, LossSettings, unknown_choice_error
-from library.train.noise import NUM_TRAIN_TIMESTEPS, NoiseSettings
+from library.options.choices import (HUBER_LOSS_TYPES, HUBER_SCHEDULES, LOSS_TYPES, NUM_TRAIN_TIMESTEPS,
+                                     unknown_choice_error)
+
+if TYPE_CHECKING:
+    from library.train.loss import LossSettings
+    from library.train.noise import NoiseSettings
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,8 @@ def add_noise_and_loss_arguments(parser: argparse.ArgumentParser) -> None:
 
 def noise_settings_from_args(args: argparse.Namespace) -> NoiseSettings:
     """NoiseSettings from the parsed flags."""
+    from library.train.noise import NoiseSettings
+
     return NoiseSettings(
         v_parameterization=bool(getattr(args, "v_parameterization", False)),
         zero_terminal_snr=args.zero_terminal_snr,
@@ -84,6 +91,8 @@ def noise_settings_from_args(args: argparse.Namespace) -> NoiseSettings:
 
 def loss_settings_from_args(args: argparse.Namespace) -> LossSettings:
     """LossSettings from the parsed flags."""
+    from library.train.loss import LossSettings
+
     return LossSettings(
         v_parameterization=bool(getattr(args, "v_parameterization", False)),
         loss_type=args.loss_type,

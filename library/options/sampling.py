@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from library.options.choices import SAMPLER_NAMES
 from library.options.value_types import positive_int
-from library.sampling.samplers import SAMPLER_NAMES
 
 logger = logging.getLogger(__name__)
 

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
-
-import torch
+from typing import TYPE_CHECKING
 
 from library.options.value_types import positive_int
 
-PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
+
+# --mixed_precision name -> torch dtype name (looked up after parsing, so --help does not load torch)
+PRECISIONS = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,10 +26,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def weight_dtype(mixed_precision: str | None) -> torch.dtype:
     """dtype of the frozen weights for `--mixed_precision`."""
-    return PRECISIONS.get(mixed_precision or "no", torch.float32)
+    import torch
+
+    return getattr(torch, PRECISIONS.get(mixed_precision or "no", "float32"))
 
 
 def vae_dtype(mixed_precision: str | None, no_half_vae: bool) -> torch.dtype:
+    import torch
+
     return torch.float32 if no_half_vae else weight_dtype(mixed_precision)
 
 

@@ -13,14 +13,9 @@ import warnings
 import torch
 
 from library.errors import FlagError
+from library.options.choices import SAMPLER_NAMES
 
 logger = logging.getLogger(__name__)
-
-# kohya's 11 names, then the k-diffusion style aliases it also accepts (library/train_util.py: get_my_scheduler).
-SAMPLER_NAMES: tuple[str, ...] = (
-    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
-    "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
-)
 
 # name -> (diffusers class name, extra config)
 _SCHEDULERS: dict[str, tuple[str, dict]] = {

@@ -2,7 +2,6 @@
 weightings (Min-SNR, v-pred scaling, v-pred-like loss, debiased estimation). Noise and targets: `train.noise`."""
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 from dataclasses import dataclass
@@ -11,14 +10,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from library.errors import FlagError
+from library.options.choices import HUBER_LOSS_TYPES, HUBER_SCHEDULES, LOSS_TYPES, unknown_choice_error
 from library.train.noise import snr_for_timesteps
 
 logger = logging.getLogger(__name__)
 
-LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
-HUBER_SCHEDULES = ("constant", "exponential", "snr")
-HUBER_LOSS_TYPES = ("huber", "smooth_l1")
 # kohya caps the SNR at 1000 in its v-pred scale and debiased weight: at t=0 the SNR is about 1175
 # (custom_train_functions.py: get_snr_scale, apply_debiased_estimation).
 MAX_SNR_FOR_SCALING = 1000.0
@@ -38,15 +34,6 @@ class LossSettings:
     v_pred_like_loss: float | None = None
     debiased_estimation_loss: bool = False
     masked_loss: bool = False
-
-
-def unknown_choice_error(flag: str, value: str, choices: tuple[str, ...]) -> FlagError:
-    """FlagError naming the flag, the bad value, the valid values and the nearest one."""
-    message = f"{flag} {value}: unknown; expected one of {', '.join(choices)}"
-    nearest = difflib.get_close_matches(str(value), choices, n=1)
-    if nearest:
-        message += f"; did you mean {nearest[0]}?"
-    return FlagError(message)
 
 
 def conditional_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: str,

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from library.options.choices import NUM_TRAIN_TIMESTEPS
+
 logger = logging.getLogger(__name__)
 
-NUM_TRAIN_TIMESTEPS = 1000
 # kohya's validation loss uses these fixed timesteps, each with the same seeded noise, so the value is comparable
 # across steps (train_network.py: process_batch; COMPAT is silent, recalled from sd-scripts).
 VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)
