@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ if __package__ in (None, ""):
 from library.cli import run_cli
 
 import train_network
+
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -38,9 +41,20 @@ def _sdxl_trainer_class() -> type:
             self.vae_scale_factor = 0.13025
             self.is_sdxl = True
 
-        def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype):
+        def assert_extra_args(self, args, train_dataset_group, val_dataset_group=None) -> None:
+            super().assert_extra_args(args, train_dataset_group, val_dataset_group)
+            if args.clip_skip is not None:
+                # kohya warns the same; the flag is dropped so ss_clip_skip / modelspec do not claim it was used
+                logger.warning("--clip_skip %s has no effect on SDXL (it always conditions on the penultimate "
+                               "layers); ignored and not recorded in the metadata", args.clip_skip)
+                args.clip_skip = None
+
+        def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds, batch, weight_dtype,
+                      **kwargs):
+            from library.text.encode import as_text_conds
             from library.text.sdxl_cond import sdxl_time_ids
 
+            text_conds = as_text_conds(text_conds)
             time_ids = sdxl_time_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
             added = {"text_embeds": text_conds.pooled.to(noisy_latents.device, weight_dtype),
                      "time_ids": time_ids.to(noisy_latents.device, weight_dtype)}

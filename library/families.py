@@ -5,7 +5,7 @@ encoders, pooled vector, size conditioning) lives in `library/text/sdxl_cond.py`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from library.errors import ModelFormatError
@@ -98,6 +98,8 @@ SDXL = ModelFamily("sdxl", (SDXL_TE1, SDXL_TE2), False, 0.13025, 1024, "head_dim
                    "stable-diffusion-xl-v1-base", "StableDiffusionXLPipeline", latent_cache_suffix="sdxl",
                    bucket_reso_multiple=32)
 
+SDXL_V = replace(SDXL, v_parameterization=True)
+
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SD1_V, SD2, SD2_V, SDXL)}
 
 
@@ -179,8 +181,11 @@ def _describe_missing_unet(keys: list[str]) -> str:
 
 def with_v_parameterization(family: ModelFamily, v_parameterization: bool) -> ModelFamily:
     """The family record for kohya's `--v_parameterization` flag (SD2 -> SD2-v, SD1 -> kohya's `sd_v1_v`)."""
-    if family.name == "sdxl" or family.v_parameterization == v_parameterization:
+    if family.v_parameterization == v_parameterization:
         return family
+    if family.name == "sdxl":
+        # v-prediction SDXL fine-tunes exist (and are popular): same architecture and name, v targets and samplers
+        return SDXL_V if v_parameterization else SDXL
     if family.is_sd2:
         return sd2_family(v_parameterization)
     return SD1_V if v_parameterization else SD1

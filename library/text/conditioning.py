@@ -93,9 +93,11 @@ class CaptionEncoder:
     @staticmethod
     def join_cached(cached: dict, device=None, dtype=None) -> TextConds:
         """TextConds from a batch's stacked cache (`{"hidden_states": [per encoder], "pooled": ...}`)."""
-        hidden = torch.cat(list(cached["hidden_states"]), dim=-1).to(device=device, dtype=dtype)
+        parts = list(cached["hidden_states"])
+        hidden = torch.cat(parts, dim=-1).to(device=device, dtype=dtype)
         pooled = cached.get("pooled")
-        return TextConds(hidden_states=hidden, pooled=None if pooled is None else pooled.to(device=device, dtype=dtype))
+        return TextConds(hidden_states=hidden, pooled=None if pooled is None else pooled.to(device=device, dtype=dtype),
+                         widths=tuple(part.shape[-1] for part in parts))
 
 
 def _tokenizer_identity(tokenizer) -> str:

@@ -23,12 +23,48 @@ from library.text.tokenize import CHUNK_CONTENT, CHUNK_LENGTH, EOS_ID
 class TextConds:
     """Text conditioning for the U-Net.
 
-    hidden_states: `[B, 1 + 75n + 1, D]` cross-attention context.
+    hidden_states: `[B, 1 + 75n + 1, D]` cross-attention context (SDXL: TE1 and TE2 features concatenated).
     pooled: `[B, P]` projected pooled vector (SDXL TE2), else None.
+    widths: the feature width each encoder contributed to hidden_states (SDXL: (768, 1280)), when known.
+
+    It also reads as kohya's list of conditioning tensors (`text_encoder_conds`), so trainer subclasses written
+    for kohya can index it: SD1/SD2 `[hidden_states]`, SDXL `[hidden_states_te1, hidden_states_te2, pooled]`.
     """
 
     hidden_states: torch.Tensor
     pooled: torch.Tensor | None = None
+    widths: tuple[int, ...] | None = None
+
+    def as_list(self) -> list[torch.Tensor]:
+        """kohya's `text_encoder_conds` order."""
+        if not self.widths or len(self.widths) == 1:
+            return [self.hidden_states] + ([self.pooled] if self.pooled is not None else [])
+        return [*torch.split(self.hidden_states, list(self.widths), dim=-1), self.pooled]
+
+    def __iter__(self):
+        return iter(self.as_list())
+
+    def __len__(self) -> int:
+        return len(self.as_list())
+
+    def __getitem__(self, index):
+        return self.as_list()[index]
+
+    def to(self, device=None, dtype=None) -> "TextConds":
+        return TextConds(self.hidden_states.to(device=device, dtype=dtype),
+                         None if self.pooled is None else self.pooled.to(device=device, dtype=dtype), self.widths)
+
+
+def as_text_conds(value, widths: tuple[int, ...] | None = None) -> "TextConds":
+    """TextConds from what a hook returned: TextConds itself, one tensor, or kohya's list of tensors."""
+    if isinstance(value, TextConds):
+        return value
+    if isinstance(value, torch.Tensor):
+        return TextConds(value)
+    parts = [part for part in value if part is not None]
+    if len(parts) >= 3:  # SDXL: hidden states of TE1, TE2, then the pooled vector
+        return TextConds(torch.cat(parts[:-1], dim=-1), parts[-1], tuple(part.shape[-1] for part in parts[:-1]))
+    return TextConds(parts[0], parts[1] if len(parts) > 1 else None, widths)
 
 
 def layer_for_clip_skip(clip_skip: int | None) -> int:

@@ -81,7 +81,8 @@ def encode_sdxl(text_encoders: Sequence, ids_te1: torch.Tensor, ids_te2: torch.T
     if cond1.hidden_states.shape[:2] != cond2.hidden_states.shape[:2]:
         raise ValueError(f"TE1 and TE2 token windows differ: {tuple(ids_te1.shape)} vs {tuple(ids_te2.shape)}")
     hidden = torch.cat([cond1.hidden_states, cond2.hidden_states.to(cond1.hidden_states)], dim=-1)
-    return TextConds(hidden_states=hidden, pooled=cond2.pooled)
+    return TextConds(hidden_states=hidden, pooled=cond2.pooled,
+                     widths=(cond1.hidden_states.shape[-1], cond2.hidden_states.shape[-1]))
 
 
 def sdxl_time_ids(original_size_hw, crop_top_left, target_size_hw) -> torch.Tensor:

@@ -150,14 +150,23 @@ def training_loss(settings: LossSettings, prediction: torch.Tensor, target: torc
     5. Min-SNR, v-pred scaling, v-pred-like loss, debiased weighting (`weight_per_sample_loss`);
     6. mean over the batch.
     """
+    loss = per_sample_loss(settings, prediction, target, timesteps, scheduler, loss_weights, alpha_masks)
+    return weight_per_sample_loss(settings, loss, timesteps, scheduler).mean()
+
+
+def per_sample_loss(settings: LossSettings, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                    scheduler: DDPMScheduler, loss_weights: torch.Tensor, alpha_masks: torch.Tensor | None = None,
+                    weighting: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 1-4 of `training_loss`: one loss per sample, before the timestep weightings. `weighting` (from a
+    trainer's get_noise_pred_and_target hook) multiplies the element-wise loss, as in kohya."""
     huber_c = None
     if settings.loss_type in HUBER_LOSS_TYPES:
         huber_c = huber_c_for_timesteps(timesteps, scheduler, settings.huber_schedule, settings.huber_c,
                                         settings.huber_scale)
     loss = conditional_loss(prediction.float(), target.float(), settings.loss_type, huber_c)
+    if weighting is not None:
+        loss = loss * weighting
     if alpha_masks is not None:
         loss = apply_masked_loss(loss, alpha_masks)
     loss = loss.mean(dim=tuple(range(1, loss.ndim)))
-    loss = loss * loss_weights.to(device=loss.device, dtype=loss.dtype)
-    loss = weight_per_sample_loss(settings, loss, timesteps, scheduler)
-    return loss.mean()
+    return loss * loss_weights.to(device=loss.device, dtype=loss.dtype)

@@ -20,9 +20,10 @@ import torch
 from library.errors import FlagError, TrainingStopped
 from library.families import ModelFamily
 from library.models.state_dict_io import DiskFullError
-from library.text.encode import TextConds
 from library.train import checkpoints, network_module, state_folder
 from library.train.checkpoints import OutputNames, TrainProgress
+from library.train.model_hooks import ModelHooks, cast_to_fp8
+from library.train.step_hooks import StepHooks
 from library.train.run_setup import TrainingSchedule
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class LoadedModels:
     tokenizers: list
     caption_encoder: Any
     noise_scheduler: Any
+    tokenize_strategy: Any = None
+    text_encoding_strategy: Any = None
 
 
 @dataclass
@@ -71,8 +74,9 @@ class Trainable:
     engine: Any = None  # DeepSpeed's wrapper of the network, when accelerate runs DeepSpeed
 
 
-class NetworkTrainer:
-    """Trains a network module (LoRA, DyLoRA, LyCORIS, ...) on a frozen SD1.x/2.x model."""
+class NetworkTrainer(ModelHooks, StepHooks):
+    """Trains a network module (LoRA, DyLoRA, LyCORIS, ...) on a frozen SD1.x/2.x model. kohya's hooks: the
+    model/text ones in library/train/model_hooks.py, the per-batch and logging ones in step_hooks.py."""
 
     supported_families: tuple[str, ...] = SD_FAMILIES
 
@@ -86,84 +90,6 @@ class NetworkTrainer:
 
     def assert_extra_args(self, args: argparse.Namespace, train_dataset_group, val_dataset_group=None) -> None:
         """Family-specific flag checks; called before models load."""
-
-    def load_target_model(self, args: argparse.Namespace, weight_dtype: torch.dtype, accelerator):
-        """(model_version, text_encoders, vae, unet) of the base model."""
-        from library.models.load import load_target_model
-
-        bundle = load_target_model(args.pretrained_model_name_or_path, v2=args.v2,
-                                   v_parameterization=args.v_parameterization, vae_path=args.vae,
-                                   expected_families=self.supported_families)
-        self.family = bundle.family
-        return bundle.family.model_version, bundle.text_encoders, bundle.vae, bundle.unet
-
-    def load_tokenizer(self, args: argparse.Namespace) -> list:
-        from library.text.tokenize import load_tokenizers
-
-        return load_tokenizers(self.family, args.tokenizer_cache_dir)
-
-    def is_text_encoder_outputs_cached(self, args: argparse.Namespace) -> bool:
-        return bool(getattr(args, "cache_text_encoder_outputs", False))
-
-    def is_train_text_encoder(self, args: argparse.Namespace) -> bool:
-        return not args.network_train_unet_only and not self.is_text_encoder_outputs_cached(args)
-
-    def cache_text_encoder_outputs_if_needed(self, args, accelerator, unet, vae, text_encoders, dataset,
-                                             weight_dtype) -> None:
-        """Encode every caption once (--cache_text_encoder_outputs) and move the encoders off the GPU."""
-        if not self.is_text_encoder_outputs_cached(args):
-            for encoder in text_encoders:
-                encoder.to(accelerator.device, dtype=weight_dtype)
-            return
-        from library.data.caching import attach_existing_caches, cache_text_encoder_outputs
-
-        for encoder in text_encoders:
-            encoder.to(accelerator.device, dtype=weight_dtype)
-        to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
-        for group in (dataset, self._run.val_group):
-            if group is None:
-                continue
-            cache_text_encoder_outputs(group, self._models.caption_encoder, to_disk=to_disk,
-                                       batch_size=args.train_batch_size, skip_check=args.skip_cache_check,
-                                       process_index=accelerator.process_index,
-                                       num_processes=accelerator.num_processes,
-                                       show_progress=accelerator.is_main_process)
-            if to_disk:
-                accelerator.wait_for_everyone()
-                attach_existing_caches(group, latent_suffix=None, text_outputs=True)
-        for encoder in text_encoders:
-            encoder.to("cpu")  # only sampling needs them now; it moves them back while it runs
-
-    def get_text_cond(self, args, accelerator, batch: dict, tokenizers, text_encoders, weight_dtype) -> TextConds:
-        """Conditioning of a batch: the cached outputs, or the encoders run on the captions."""
-        if batch.get("text_encoder_outputs") is not None:
-            from library.text.conditioning import CaptionEncoder
-
-            return CaptionEncoder.join_cached(batch["text_encoder_outputs"], accelerator.device, weight_dtype)
-        with torch.set_grad_enabled(self._trainable.train_text_encoder), accelerator.autocast():
-            return self._models.caption_encoder.encode(batch["captions"])
-
-    def call_unet(self, args, accelerator, unet, noisy_latents, timesteps, text_conds: TextConds, batch: dict,
-                  weight_dtype):
-        return unet(noisy_latents, timesteps, encoder_hidden_states=text_conds.hidden_states.to(weight_dtype)).sample
-
-    def get_noise_scheduler(self, args, device):
-        from library.train.noise import make_noise_scheduler
-
-        return make_noise_scheduler(self.family.v_parameterization, args.zero_terminal_snr)
-
-    def encode_images_to_latents(self, args, vae, images: torch.Tensor, generators: list | None = None) -> torch.Tensor:
-        """A sample of the VAE posterior; with `generators` (one per image) the draw is reproducible per sample."""
-        with torch.no_grad():
-            posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-            if generators is None:
-                return posterior.sample()
-            shape = (1, *posterior.mean.shape[1:])
-            noise = torch.cat([torch.randn(shape, generator=generator) for generator in generators])
-            return posterior.mean + posterior.std * noise.to(posterior.mean.device, posterior.mean.dtype)
-
-    def shift_scale_latents(self, args, latents: torch.Tensor) -> torch.Tensor:
-        return latents * self.vae_scale_factor
 
     def all_reduce_network(self, accelerator, network) -> None:
         """Average the network's gradients over processes in one collective (the network is not DDP-wrapped:
@@ -287,13 +213,16 @@ class NetworkTrainer:
         return load_sample_prompts(args.sample_prompts)
 
     def load_models(self, run: TrainingRun) -> LoadedModels:
+        from library.options.training import vae_dtype
         from library.text.conditioning import CaptionEncoder
 
         args, accelerator = run.args, run.accelerator
         _, text_encoders, vae, unet = self.load_target_model(args, run.weight_dtype, accelerator)
         text_encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
-        tokenizers = self.load_tokenizer(args)
-        tokenizers = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
+        tokenize_strategy = self.get_tokenize_strategy(args)
+        tokenizers = self.get_tokenizers(tokenize_strategy)
+        if unet is None:
+            _, unet = self.load_unet_lazily(args, run.weight_dtype, accelerator, text_encoders)
         for model in (unet, vae, *text_encoders):
             model.requires_grad_(False)
             model.eval()
@@ -301,17 +230,24 @@ class NetworkTrainer:
             network_module.apply_base_weights(args.network_module, args.base_weights, args.base_weights_multiplier,
                                               vae, text_encoders, unet, torch.float32, "cpu")
         self._set_attention(args, unet)
-        unet.to(accelerator.device, dtype=run.weight_dtype)
+        if self.cast_unet(args):
+            unet.to(dtype=run.weight_dtype)
+        unet = self.prepare_unet_with_accelerator(args, accelerator, unet)
         if args.fp8_base or args.fp8_base_unet:
-            _cast_to_fp8(unet)
-        from library.options.training import vae_dtype
-
-        vae.to(dtype=vae_dtype(args.mixed_precision, args.no_half_vae))
+            cast_to_fp8(unet)
+        if args.fp8_base and not args.fp8_base_unet:  # kohya: --fp8_base also stores the text encoders in fp8
+            for index, encoder in enumerate(text_encoders):
+                self.prepare_text_encoder_fp8(index, encoder, torch.float8_e4m3fn, run.weight_dtype)
+        if self.cast_vae(args):
+            vae.to(dtype=vae_dtype(args.mixed_precision, args.no_half_vae))
         caption_encoder = CaptionEncoder(self.family, tokenizers, text_encoders,
                                          max_token_length=args.max_token_length, clip_skip=args.clip_skip,
                                          weighted=args.weighted_captions)
-        return LoadedModels(unet, vae, text_encoders, tokenizers, caption_encoder,
-                            self.get_noise_scheduler(args, accelerator.device))
+        models = LoadedModels(unet, vae, text_encoders, tokenizers, caption_encoder,
+                              self.get_noise_scheduler(args, accelerator.device), tokenize_strategy)
+        self._models = models
+        models.text_encoding_strategy = self.get_text_encoding_strategy(args)
+        return models
 
     def _set_attention(self, args, unet) -> None:
         if args.xformers:
@@ -328,18 +264,18 @@ class NetworkTrainer:
         if args.cache_latents or args.cache_latents_to_disk:
             from library.data.caching import attach_existing_caches, cache_latents
 
+            caching = self.get_latents_caching_strategy(args)
             models.vae.to(accelerator.device)
             for group in (run.train_group, run.val_group):
                 if group is None:
                     continue
-                cache_latents(group, models.vae, to_disk=bool(args.cache_latents_to_disk),
-                              latent_suffix=self.family.latent_cache_suffix, vae_batch_size=args.vae_batch_size,
-                              skip_check=args.skip_cache_check, process_index=accelerator.process_index,
-                              num_processes=accelerator.num_processes, seed=args.seed or 0,
-                              show_progress=accelerator.is_main_process)
-                if args.cache_latents_to_disk:
+                cache_latents(group, models.vae, to_disk=caching.cache_to_disk, latent_suffix=caching.cache_suffix,
+                              vae_batch_size=caching.batch_size, skip_check=caching.skip_disk_cache_validity_check,
+                              process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                              seed=args.seed or 0, show_progress=accelerator.is_main_process)
+                if caching.cache_to_disk:
                     accelerator.wait_for_everyone()
-                    attach_existing_caches(group, latent_suffix=self.family.latent_cache_suffix, text_outputs=False)
+                    attach_existing_caches(group, latent_suffix=caching.cache_suffix, text_outputs=False)
             models.vae.to("cpu")
         else:
             models.vae.to(accelerator.device)
@@ -364,8 +300,10 @@ class NetworkTrainer:
             raise TrainingStopped(f"--network_module {args.network_module} created no network; nothing to train")
         if hasattr(network, "prepare_network"):
             network.prepare_network(args)
+        self.post_process_network(args, run.accelerator, network, models.text_encoders, models.unet)
         train_unet = not args.network_train_text_encoder_only
-        train_text_encoder = self.is_train_text_encoder(args)
+        encoder_flags = self.get_text_encoders_train_flags(args, models.text_encoders)
+        train_text_encoder = any(encoder_flags)
         encoders = models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders
         network.apply_to(encoders, models.unet, train_text_encoder, train_unet)
         if args.torch_compile:
@@ -374,14 +312,16 @@ class NetworkTrainer:
         if args.network_weights:
             info = network.load_weights(args.network_weights)
             logger.info("loaded network weights from %s: %s", args.network_weights, info)
+        trained_encoders = [(index, encoder) for index, (encoder, flag) in
+                            enumerate(zip(models.text_encoders, encoder_flags)) if flag]
         if args.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
-            for encoder in models.text_encoders if train_text_encoder else []:
+            for index, encoder in trained_encoders:
                 encoder.gradient_checkpointing_enable()
+                self.prepare_text_encoder_grad_ckpt_workaround(index, encoder)
             network.enable_gradient_checkpointing()
-        if train_text_encoder:
-            for encoder in models.text_encoders:
-                encoder.train()
+        for _, encoder in trained_encoders:
+            encoder.train()
         network_dtype = {True: torch.float16}.get(args.full_fp16) or {True: torch.bfloat16}.get(args.full_bf16)
         network.to(run.accelerator.device, dtype=network_dtype)
         logger.info("%s", network_module.describe_network(network))
@@ -537,13 +477,6 @@ class NetworkTrainer:
 
 def _uses_deepspeed(accelerator) -> bool:
     return str(accelerator.distributed_type).endswith("DEEPSPEED")
-
-
-def _cast_to_fp8(unet: torch.nn.Module) -> None:
-    """--fp8_base: Linear/Conv weights stored as float8_e4m3fn; autocast computes them in the mixed dtype."""
-    for module in unet.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
 
 
 def _allow_fp16_gradient_unscaling(accelerator) -> None:

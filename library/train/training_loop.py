@@ -1,9 +1,12 @@
 """The epoch/step loop of network training: micro-batches, accumulation, optimizer steps, saves, samples,
-validation and logging. The model-specific parts are `NetworkTrainer` hooks.
+validation and logging. What happens inside a batch and a log line are kohya's `NetworkTrainer` hooks
+(library/train/step_hooks.py): the loop calls on_step_start, process_batch, on_validation_step_end and the
+logging hooks.
 
 Noise and timesteps of each sample come from a generator seeded by (seed, step, sample slot), where the slot
-is the sample's place in the global batch. So a run gives the same result on one process with gradient
-accumulation as on several processes, and a resumed run continues exactly as an uninterrupted one.
+is the sample's place in the global batch (the loop tells the hooks through `trainer.noise_plan`). So a run gives
+the same result on one process with gradient accumulation as on several processes, and a resumed run continues
+exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -17,85 +20,29 @@ from tqdm import tqdm
 
 from library.errors import TrainingStopped
 from library.train import checkpoints
-from library.train.loss import training_loss
-from library.train.noise import VALIDATION_TIMESTEPS, NoisyBatch, prepare_noisy_latents, \
-    prepare_validation_noisy_latents
+from library.train.noise import VALIDATION_TIMESTEPS
 
 logger = logging.getLogger(__name__)
 
 
-def noise_generator(seed: int, global_step: int, slot: int, stream: int = 0) -> torch.Generator:
-    """Generator of one sample of one step; `stream` separates the VAE draw (1) from the diffusion noise (0)."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + global_step) * 10_007 + slot) * 2 + stream)
-
-
-def noisy_batch(run, models, latents: torch.Tensor, global_step: int, first_slot: int) -> NoisyBatch:
-    """Per-sample noise, timesteps and targets, each sample from its own seeded generator."""
-    from library.options.noise_loss import noise_settings_from_args
-
-    settings = noise_settings_from_args(run.args)
-    seed = run.args.seed or 0
-    parts = [prepare_noisy_latents(settings, models.noise_scheduler, latents[index:index + 1],
-                                   noise_generator(seed, global_step, first_slot + index))
-             for index in range(latents.shape[0])]
-    return NoisyBatch(*(torch.cat(tensors) for tensors in zip(*parts)))
-
-
-def batch_latents(trainer, run, models, batch: dict, first_slot: int | None = None) -> torch.Tensor:
-    """Scaled latents of a batch: cached, or encoded now (per-sample VAE draws when `first_slot` is given)."""
-    device, dtype = run.accelerator.device, run.weight_dtype
-    if batch.get("latents") is not None:
-        latents = batch["latents"].to(device)
-    else:
-        images = batch["images"].to(device)
-        generators = None
-        if first_slot is not None:
-            generators = [noise_generator(run.args.seed or 0, run.progress.global_step, first_slot + index, stream=1)
-                          for index in range(images.shape[0])]
-        latents = trainer.encode_images_to_latents(run.args, models.vae, images, generators)
-        if not torch.isfinite(latents).all():
-            raise TrainingStopped(f"the VAE produced NaN/inf latents for {batch.get('image_keys')}; "
-                                  "try --no_half_vae")
-    return trainer.shift_scale_latents(run.args, latents.float()).to(dtype)
-
-
-def batch_loss(trainer, run, models, trainable, batch: dict, noisy: NoisyBatch) -> torch.Tensor:
-    """Loss of one micro-batch given its noisy latents (training and validation share this)."""
-    from library.options.noise_loss import loss_settings_from_args
-
-    args, accelerator = run.args, run.accelerator
-    text_conds = trainer.get_text_cond(args, accelerator, batch, models.tokenizers, models.text_encoders,
-                                       run.weight_dtype)
-    with accelerator.autocast():
-        prediction = trainer.call_unet(args, accelerator, models.unet, noisy.noisy_latents, noisy.timesteps,
-                                       text_conds, batch, run.weight_dtype)
-    masks = batch.get("alpha_masks")
-    if masks is None and args.masked_loss and batch.get("conditioning_images") is not None:
-        from library.train.loss import mask_from_conditioning_images
-
-        masks = mask_from_conditioning_images(batch["conditioning_images"])
-    return training_loss(loss_settings_from_args(args), prediction, noisy.target, noisy.timesteps,
-                         models.noise_scheduler, batch["loss_weights"].to(accelerator.device),
-                         None if masks is None else masks.to(accelerator.device))
-
-
 class StepLogger:
-    """Moving average of the loss for the progress bar, and tracker logging."""
+    """Moving average of the loss for the progress bar; the log lines go through the trainer's logging hooks."""
 
-    def __init__(self, run, trainable, window: int):
-        self.run, self.trainable, self.window, self.losses = run, trainable, window, []
+    def __init__(self, trainer, run, trainable, window: int):
+        self.trainer, self.run, self.trainable, self.window, self.losses = trainer, run, trainable, window, []
 
     def add(self, loss: float) -> float:
         self.losses = (self.losses + [loss])[-self.window:]
         return sum(self.losses) / len(self.losses)
 
-    def log_step(self, loss: float, average: float, global_step: int, extra: dict | None = None) -> None:
-        values = {"loss/current": loss, "loss/average": average, **(extra or {})}
-        scheduler = self.trainable.lr_scheduler
-        for index, lr in enumerate(scheduler.get_last_lr()):
-            name = self.trainable.group_names[index] if index < len(self.trainable.group_names) else f"group{index}"
-            values[f"lr/{name}"] = float(lr)
-        self.run.accelerator.log(values, step=global_step)
+    def log_step(self, loss: float, average: float, global_step: int, epoch: int, norms: dict | None = None) -> None:
+        norms = norms or {}
+        trainable = self.trainable
+        logs = self.trainer.generate_step_logs(
+            self.run.args, loss, average, trainable.lr_scheduler, trainable.group_names, trainable.optimizer,
+            norms.get("max_norm/keys_scaled"), norms.get("max_norm/average_key_norm"),
+            norms.get("max_norm/max_key_norm"))
+        self.trainer.step_logging(self.run.accelerator, logs, global_step, epoch)
 
 
 def run_training_loop(trainer, run, models, trainable) -> None:
@@ -108,7 +55,7 @@ def run_training_loop(trainer, run, models, trainable) -> None:
     _leave_cores_for_workers(accelerator, workers)
     loader = epoch_data_loader(run.train_group, sampler, workers, args.persistent_data_loader_workers)
     _init_trackers(run)
-    step_logger = StepLogger(run, trainable, window=max(schedule.steps_per_epoch, 1))
+    step_logger = StepLogger(trainer, run, trainable, window=max(schedule.steps_per_epoch, 1))
     bar = tqdm(total=schedule.max_train_steps, initial=progress.global_step, desc="steps", smoothing=0,
                disable=not accelerator.is_local_main_process)
     if accelerator.is_main_process:
@@ -158,7 +105,7 @@ def run_epoch(trainer, run, models, trainable, loader, sampler, step_logger, bar
         average = step_logger.add(loss)
         bar.update(1)
         bar.set_postfix(avr_loss=f"{average:.4f}", epoch=epoch)
-        step_logger.log_step(loss, average, progress.global_step, trainable.last_norm_logs)
+        step_logger.log_step(loss, average, progress.global_step, epoch, trainable.last_norm_logs)
         after_step(trainer, run, models, trainable)
         if progress.global_step >= schedule.max_train_steps:
             break
@@ -170,16 +117,15 @@ def run_epoch(trainer, run, models, trainable, loader, sampler, step_logger, bar
 
 def optimizer_step(trainer, run, models, trainable, window: list[dict]) -> float:
     """Forward/backward over the micro-batches of one step, then one optimizer step; returns the step's loss."""
+    from library.train.step_hooks import NoisePlan
+
     args, accelerator, progress = run.args, run.accelerator, run.progress
     network = trainable.network
     total = torch.zeros((), device=accelerator.device)
     for micro, batch in enumerate(window):
         first_slot = (micro * accelerator.num_processes + accelerator.process_index) * len(batch["captions"])
-        latents = batch_latents(trainer, run, models, batch, first_slot)
-        noisy = noisy_batch(run, models, latents, progress.global_step, first_slot)
-        if hasattr(network, "on_step_start"):
-            network.on_step_start(_encoder_arg(models), models.unet)
-        loss = batch_loss(trainer, run, models, trainable, batch, noisy)
+        trainer.noise_plan = NoisePlan(seed=args.seed or 0, global_step=progress.global_step, first_slot=first_slot)
+        loss = _micro_batch_loss(trainer, run, models, trainable, batch, is_train=True)
         accelerator.backward(loss / len(window))
         total += loss.detach() / len(window)
     if accelerator.num_processes > 1:
@@ -196,6 +142,22 @@ def optimizer_step(trainer, run, models, trainable, window: list[dict]) -> float
     trainable.optimizer.zero_grad(set_to_none=True)
     trainable.last_norm_logs = _max_norm_regularization(run, trainable)
     return float(total)
+
+
+def _micro_batch_loss(trainer, run, models, trainable, batch: dict, is_train: bool) -> torch.Tensor:
+    """kohya's per-batch sequence: the network's and the trainer's on_step_start, then process_batch."""
+    from library.options.training import vae_dtype
+
+    args, accelerator, network = run.args, run.accelerator, trainable.network
+    if hasattr(network, "on_step_start"):
+        network.on_step_start(_encoder_arg(models), models.unet)
+    trainer.on_step_start(args, accelerator, network, models.text_encoders, models.unet, batch, run.weight_dtype,
+                          is_train=is_train)
+    return trainer.process_batch(
+        batch, models.text_encoders, models.unet, network, models.vae, models.noise_scheduler,
+        vae_dtype(args.mixed_precision, args.no_half_vae), run.weight_dtype, accelerator, args,
+        models.text_encoding_strategy, models.tokenize_strategy, is_train=is_train,
+        train_text_encoder=trainable.train_text_encoder, train_unet=trainable.train_unet)
 
 
 def _encoder_arg(models):
@@ -243,8 +205,8 @@ def after_step(trainer, run, models, trainable) -> None:
 
 def after_epoch(trainer, run, models, trainable, epoch: int, step_logger) -> None:
     args, schedule = run.args, run.schedule
-    run.accelerator.log({"loss/epoch_average": sum(step_logger.losses) / max(len(step_logger.losses), 1)},
-                        step=epoch)
+    trainer.epoch_logging(run.accelerator, {"loss/epoch_average": sum(step_logger.losses) /
+                                            max(len(step_logger.losses), 1)}, run.progress.global_step, epoch)
     if checkpoints.epoch_save_due(args, epoch, schedule.num_epochs):
         save_progress(trainer, run, trainable, run.names.epoch_file(epoch), run.names.epoch_state(epoch), epoch)
         if run.accelerator.is_main_process:
@@ -280,10 +242,9 @@ def _sample(trainer, run, models, epoch, step) -> None:
 def validate(trainer, run, models, trainable, when: str) -> float:
     """Mean loss over the validation set at fixed timesteps and fixed noise (comparable across steps)."""
     from library.data.order import EpochOrderSampler, epoch_data_loader
-    from library.options.noise_loss import noise_settings_from_args
+    from library.train.step_hooks import NoisePlan
 
     args, accelerator = run.args, run.accelerator
-    settings = noise_settings_from_args(args)
     sampler = EpochOrderSampler(len(run.val_group), args.validation_seed or args.seed or 0,
                                 accelerator.process_index, accelerator.num_processes, shuffle=False)
     run.val_group.set_current_epoch(1)
@@ -293,18 +254,23 @@ def validate(trainer, run, models, trainable, when: str) -> float:
     for index, batch in enumerate(epoch_data_loader(run.val_group, sampler, 0, False)):
         if args.max_validation_steps and index >= args.max_validation_steps:
             break
-        latents = batch_latents(trainer, run, models, batch)
+        if batch.get("latents") is None:  # encode once for all the timesteps (cached latents need nothing)
+            batch = {**batch, "latents": trainer.encode_images_to_latents(
+                args, models.vae, batch["images"].to(accelerator.device))}
         for timestep in VALIDATION_TIMESTEPS:
-            noisy = prepare_validation_noisy_latents(settings, models.noise_scheduler, latents, timestep,
-                                                     seed=(args.validation_seed or 0) + index)
-            losses.append(float(batch_loss(trainer, run, models, trainable, batch, noisy)))
+            trainer.noise_plan = NoisePlan(seed=args.seed or 0, validation_timestep=timestep,
+                                           validation_seed=(args.validation_seed or 0) + index)
+            losses.append(float(_micro_batch_loss(trainer, run, models, trainable, batch, is_train=False)))
+        trainer.on_validation_step_end(args, accelerator, trainable.network, models.text_encoders, models.unet,
+                                       batch, run.weight_dtype)
     trainable.network.train()
     local = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
     value = float(total[0] / max(float(total[1]), 1.0))
     trainer.validation_history.append(value)
     if math.isfinite(value):
-        accelerator.log({f"loss/validation/{when}_average": value}, step=run.progress.global_step)
+        trainer.val_logging(accelerator, {f"loss/validation/{when}_average": value}, run.progress.global_step,
+                            run.progress.epoch)
     if accelerator.is_main_process:
         logger.info("validation loss (%s %d): %.5f over %d batches x %d timesteps (%.1f s)", when,
                     run.progress.global_step if when == "step" else run.progress.epoch - 1, value,
