@@ -4,8 +4,8 @@
         --prompt "a photo of a cat --n blurry --d 42" --images_per_prompt 4 --steps 30 --sampler euler_a --outdir out
 
 Prompts may carry kohya's inline options (--n negative prompt, --w/--h size, --d seeds, --s steps, --l scale,
---t img2img strength, --am network multipliers, --ss sampler, SDXL --ow/--oh/--nw/--nh/--ct/--cl). Every PNG stores
-its settings; regenerate one with --from_png. sdxl_gen_img.py is the same tool for SDXL models.
+--nl negative scale, --t img2img strength, --am network multipliers, --ss sampler, SDXL --ow/--oh/--nw/--nh/--ct/
+--cl). Every PNG stores its settings; regenerate one with --from_png. sdxl_gen_img.py is the same tool for SDXL models.
 """
 from __future__ import annotations
 

@@ -376,8 +376,14 @@ def _cli_values(args: argparse.Namespace) -> dict:
 
 
 def build_blueprint(args: argparse.Namespace, config_path: str | None,
-                    supports_controlnet: bool = False) -> DatasetGroupBlueprint:
-    """Resolve every dataset and subset value: subset -> dataset -> general -> command line -> default."""
+                    supports_controlnet: bool | None = None) -> DatasetGroupBlueprint:
+    """Resolve every dataset and subset value: subset -> dataset -> general -> command line -> default.
+
+    supports_controlnet: whether `conditioning_data_dir` datasets are allowed; by default only with
+    `--masked_loss`, where their images are loss masks (kohya's LoRA trainers: ConfigSanitizer(..., masked_loss)).
+    """
+    if supports_controlnet is None:
+        supports_controlnet = bool(getattr(args, "masked_loss", False))
     if config_path:
         ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, name, None)]
         if ignored:
@@ -503,7 +509,8 @@ def _infer_kind(subsets: list[dict], where: str, source: str, supports_controlne
     if kind == "controlnet" and not supports_controlnet:
         raise DatasetConfigError(source, [ConfigProblem(
             f"{where}.subsets[0].conditioning_data_dir",
-            "ControlNet-style datasets are not supported by this script; remove conditioning_data_dir")])
+            "ControlNet-style datasets are not supported by this script; remove conditioning_data_dir, or pass "
+            "--masked_loss to use its images as loss masks (white = trained, black = ignored)")])
     return kind
 
 

@@ -59,7 +59,8 @@ def setup_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--save_to", required=True, help="output: .safetensors/.ckpt file, or a folder (diffusers "
                         "format) when merging into a checkpoint")
     parser.add_argument("--save_precision", choices=PRECISION_CHOICES, default=None,
-                        help="dtype of the saved tensors; default: the --precision dtype")
+                        help="dtype of the floating-point tensors in the saved file (merged LoRA or checkpoint): "
+                             "float (float32), fp16 or bf16; default: the --precision dtype, as in kohya")
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="float",
                         help="dtype the merge is computed in; default float")
     parser.add_argument("--v2", action="store_true", help="kohya's flag: the checkpoint is SD2.x (detected anyway)")
@@ -115,6 +116,11 @@ def module_ratio(name: str, ratio: float, block_weights: list[float] | None) -> 
 
 
 
+def save_precision(args: argparse.Namespace) -> str:
+    """kohya merge_lora.py: the saved file's dtype is --save_precision, else the merge's --precision."""
+    return args.save_precision or args.precision
+
+
 # ----------------------------------------------------------------------------------------------- into a checkpoint
 
 
@@ -157,7 +163,7 @@ def merge_into_checkpoint(args: argparse.Namespace, ratios: list[float], block_w
         network.merge_to(text_encoder, bundle.unet, weights, device=device)
         logger.info("merged %s × %g", lora_file.path, ratio)
     metadata = None if args.no_metadata else {"ss_merged_from": ", ".join(Path(p).name for p in args.models)}
-    return save_model(bundle, args.save_to, precision=args.save_precision, overwrite=args.overwrite,
+    return save_model(bundle, args.save_to, precision=save_precision(args), overwrite=args.overwrite,
                       metadata=metadata)
 
 
@@ -278,8 +284,6 @@ def merged_lora_metadata(loras: Sequence[LoRAFile], modules: dict[str, LoRAPair]
 
 def merge_into_lora(args: argparse.Namespace, ratios: list[float], block_weights: list[list[float]] | None,
                     sdxl_only: bool) -> dict[str, LoRAPair]:
-    import torch
-
     from library.models.save import precision_dtype
     from networks.lora_file import LoRAFile, LoRAPair, check_one_family, read_lora, write_lora
     from networks.lora_rank import resolve_device
@@ -294,8 +298,7 @@ def merge_into_lora(args: argparse.Namespace, ratios: list[float], block_weights
     merged = merge_lora_modules(loras, ratios, args.concat, args.shuffle, block_weights)
     merged = {name: LoRAPair(pair.down.cpu(), pair.up.cpu(), pair.alpha) for name, pair in merged.items()}
     metadata = merged_lora_metadata(loras, merged, args.no_metadata)
-    write_lora(args.save_to, merged, metadata, precision_dtype(args.save_precision) or torch.float32,
-               overwrite=args.overwrite)
+    write_lora(args.save_to, merged, metadata, precision_dtype(save_precision(args)), overwrite=args.overwrite)
     logger.info("saved %s: %d modules, ss_network_dim %s", args.save_to, len(merged), metadata["ss_network_dim"])
     return merged
 

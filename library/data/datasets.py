@@ -153,7 +153,6 @@ class ImageDataset(torch.utils.data.Dataset):
         bucket = info.bucket
         target_w, target_h = bucket.bucket_reso
         entry = self._cached_latents(info, subset)
-        conditioning = None
         if entry is not None:
             tensor = torch.from_numpy(np.ascontiguousarray(
                 entry.latents_flipped if flipped else entry.latents)).float()
@@ -161,6 +160,9 @@ class ImageDataset(torch.utils.data.Dataset):
             if alpha is not None and flipped:
                 alpha = alpha[:, ::-1]
             is_latent = True
+            # kohya loads conditioning images (masks for --masked_loss) with cached latents too; caching
+            # needs the centre crop
+            conditioning = self._conditioning(info, subset, center_crop_offset(bucket), flipped)
         else:
             tensor, alpha, conditioning = self._load_pixels(info, subset, flipped, np_rng)
             is_latent = False
@@ -209,15 +211,23 @@ class ImageDataset(torch.utils.data.Dataset):
         if flipped:
             rgb = flip_horizontal(rgb)
             alpha = None if alpha is None else alpha[:, ::-1]
-        conditioning = None
-        if info.conditioning_image_path is not None:
-            # conditioning images get the training image's resize and crop (never colour augmentation)
-            cond = crop_like(load_image(info.conditioning_image_path), bucket, crop_offset,
-                             subset.resize_interpolation)
-            if flipped:
-                cond = flip_horizontal(cond)
-            conditioning = torch.from_numpy(np.ascontiguousarray(cond)).permute(2, 0, 1).float() / 255.0
-        return to_model_tensor(rgb), alpha, conditioning
+        return to_model_tensor(rgb), alpha, self._conditioning(info, subset, crop_offset, flipped)
+
+    def _conditioning(self, info: ImageInfo, subset: SubsetParams, crop_offset: tuple[int, int],
+                      flipped: bool) -> torch.Tensor | None:
+        """The conditioning image as RGB CxHxW in -1..1 (kohya's ToTensor + Normalize(0.5)), with the training
+        image's resize, crop and flip (never colour augmentation); None without one."""
+        if info.conditioning_image_path is None:
+            return None
+        cond = crop_like(load_image(info.conditioning_image_path), info.bucket, crop_offset,
+                         subset.resize_interpolation)
+        return to_model_tensor(flip_horizontal(cond) if flipped else cond)
+
+
+def center_crop_offset(bucket) -> tuple[int, int]:
+    """(left, top) of the centre crop of the bucket out of the resized image (resize_and_crop without random_crop)."""
+    (resized_w, resized_h), (bucket_w, bucket_h) = bucket.resized_size, bucket.bucket_reso
+    return max(resized_w - bucket_w, 0) // 2, max(resized_h - bucket_h, 0) // 2
 
 
 def crop_like(image: np.ndarray, bucket, crop_offset: tuple[int, int], interpolation: str | None) -> np.ndarray:

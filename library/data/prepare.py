@@ -46,7 +46,8 @@ def process_info() -> ProcessInfo:
 
 
 def blueprint_from_args(args: argparse.Namespace, family: ModelFamily | None = None,
-                        supports_controlnet: bool = False) -> DatasetGroupBlueprint:
+                        supports_controlnet: bool | None = None) -> DatasetGroupBlueprint:
+    """The blueprint of the dataset flags; ControlNet-style datasets (masks) only with --masked_loss by default."""
     blueprint = build_blueprint(args, getattr(args, "dataset_config", None), supports_controlnet=supports_controlnet)
     if family is not None:
         for number, dataset in enumerate(blueprint.datasets):
@@ -71,7 +72,7 @@ def lint_from_args(args: argparse.Namespace, blueprint: DatasetGroupBlueprint, f
 
 def dataset_group_from_args(args: argparse.Namespace, family: ModelFamily, *, validation: bool = False,
                             blueprint: DatasetGroupBlueprint | None = None, lint: bool = True,
-                            supports_controlnet: bool = False) -> DatasetGroup | None:
+                            supports_controlnet: bool | None = None) -> DatasetGroup | None:
     """Scan (lint unless --skip_dataset_lint), then build the group; fails on corrupt images before models load."""
     blueprint = blueprint or blueprint_from_args(args, family, supports_controlnet=supports_controlnet)
     scanned_sizes = None

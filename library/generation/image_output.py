@@ -66,6 +66,10 @@ class ImageRecord:
     crop_left: int | None = None
     target_width: int | None = None
     target_height: int | None = None
+    crop_top_negative: int | None = None
+    crop_left_negative: int | None = None
+    target_width_negative: int | None = None
+    target_height_negative: int | None = None
     highres_fix_scale: float | None = None
     highres_fix_steps: int | None = None
     highres_fix_strength: float | None = None
@@ -117,6 +121,10 @@ _TEXT_KEYS: tuple[tuple[str, str, str], ...] = (
     ("crop_left", "crop-left", "int"),
     ("target_width", "target-width", "int"),
     ("target_height", "target-height", "int"),
+    ("crop_top_negative", "crop-top-negative", "int"),
+    ("crop_left_negative", "crop-left-negative", "int"),
+    ("target_width_negative", "target-width-negative", "int"),
+    ("target_height_negative", "target-height-negative", "int"),
     ("highres_fix_scale", "highres-fix-scale", "float"),
     ("highres_fix_steps", "highres-fix-steps", "int"),
     ("highres_fix_strength", "highres-fix-strength", "float"),

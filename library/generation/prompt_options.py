@@ -33,12 +33,23 @@ logger = logging.getLogger(__name__)
 MAX_RANDOM_SEED = 0x7FFFFFFF
 # Options kohya's generator knows that we do not implement: Deep Shrink and Gradual Latent (COMPAT §12).
 IGNORED_OPTIONS = ("dsd1", "dst1", "dsd2", "dst2", "dsr", "glt", "glr", "gls", "gle", "glsn", "glus")
+# Options kohya's generator knows that cannot work here: refused, so no image is made without what was asked for.
+REFUSED_OPTIONS = {
+    "c": "CLIP guidance is not supported (kohya's --c prompt guides with a separate CLIP model, which this tool "
+         "does not load); remove --c",
+}
+# `--nl none`: no negative scale for this prompt, even with the command line's --negative_scale (kohya).
+NEGATIVE_SCALE_OFF = "none"
 _warned_ignored_options: set[str] = set()
 
 
 @dataclass
 class PromptOptions:
-    """What one prompt line sets; None means "use the command-line default". `source` is "file:line"."""
+    """What one prompt line sets; None means "use the command-line default". `source` is "file:line".
+
+    `negative_scale_off` is `--nl none`: no negative scale even if `--negative_scale` is given. The
+    `*_negative` crop/target fields have no prompt option (kohya has none); they come from `--from_png`.
+    """
 
     prompt: str
     negative_prompt: str | None = None
@@ -48,6 +59,7 @@ class PromptOptions:
     seeds: list[int] | None = None
     scale: float | None = None
     negative_scale: float | None = None
+    negative_scale_off: bool = False
     strength: float | None = None
     network_multipliers: list[float] | None = None
     original_width: int | None = None
@@ -58,10 +70,13 @@ class PromptOptions:
     crop_left: int | None = None
     target_width: int | None = None
     target_height: int | None = None
+    crop_top_negative: int | None = None
+    crop_left_negative: int | None = None
+    target_width_negative: int | None = None
+    target_height_negative: int | None = None
     sampler: str | None = None
     guidance_rescale: float | None = None
     file_name: str | None = None
-    clip_prompt: str | None = None
     source: str = ""
 
 
@@ -104,9 +119,8 @@ def _strength(text: str) -> float:
     return number
 
 
-def _negative_scale(text: str) -> float | None:
-    # kohya's `--nl none` turns the negative scale off, which is also the command-line default.
-    return None if text.strip().lower() == "none" else float(text)
+def _negative_scale(text: str) -> float | str:
+    return NEGATIVE_SCALE_OFF if text.strip().lower() == NEGATIVE_SCALE_OFF else float(text)
 
 
 def _seed_list(text: str) -> list[int]:
@@ -143,13 +157,14 @@ GENERATION_OPTIONS: dict[str, LineOption] = {
     "ss": LineOption("sampler", sampler_name, SAMPLER_EXPECTED, nearest_sampler_hint),
     "gr": LineOption("guidance_rescale", _non_negative_float, "a number >= 0 (guidance rescale)"),
     "f": LineOption("file_name", str.strip, "a file name"),
-    "c": LineOption("clip_prompt", str.strip, "a CLIP prompt"),
 }
 
 
 def _reject_unknown_option(source: str, name: str) -> None:
     """Ignored kohya options warn once per name; anything else is an error, since a typo in a prompt file would
     otherwise make every image of a long run wrong."""
+    if name in REFUSED_OPTIONS:
+        raise ConfigError(source, f"--{name}", "a supported prompt option", hint=REFUSED_OPTIONS[name])
     if name in IGNORED_OPTIONS:
         if name not in _warned_ignored_options:
             _warned_ignored_options.add(name)
@@ -168,6 +183,8 @@ def parse_generation_line(line: str, source: str) -> PromptOptions:
         ConfigError: an unknown option or a bad value (names `source`, the option, what was expected).
     """
     text, values = parse_line_options(line, source, GENERATION_OPTIONS, _reject_unknown_option)
+    if values.get("negative_scale") == NEGATIVE_SCALE_OFF:
+        values.update(negative_scale=None, negative_scale_off=True)
     return PromptOptions(prompt=text, source=source, **values)
 
 

@@ -10,7 +10,7 @@ import logging
 import random
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from library.data.images import is_image_file
 from library.errors import FlagError, UserInputError
-from library.families import ModelFamily
+from library.families import ModelFamily, with_v_parameterization
 from library.generation import image_output, prompt_options
 from library.generation.networks import AppliedNetworks, NetworkSpec, load_networks, network_specs
 from library.generation.prompt_options import PromptOptions, SeedSource
 from library.options import generation as defaults
 from library.output_folders import check_writable_folder
-from library.sampling.pipeline import ImageJob, RenderSettings, SizeConditioning, generate_batch
+from library.sampling.pipeline import ImageJob, RenderSettings, SizeConditioning, generate_batch, uses_guidance
 from library.text import textual_inversion
 from library.text.conditioning import CaptionEncoder
 
@@ -47,6 +47,7 @@ class Session:
     settings: RenderSettings
     model_name: str
     vae_name: str | None
+    warned: set[str] = field(default_factory=set)  # notes on prompt options already logged
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -122,7 +123,8 @@ def load_session(args: argparse.Namespace, specs: list[NetworkSpec], expected_fa
     dtype = model_dtype(args)
     bundle = load_target_model(args.ckpt, v2=args.v2, v_parameterization=args.v_parameterization,
                                vae_path=args.vae, dtype=dtype, expected_families=expected_families)
-    family = bundle.family
+    # the flag wins over what the loader detected (it reads every SDXL diffusers folder as epsilon)
+    family = with_v_parameterization(bundle.family, True) if args.v_parameterization else bundle.family
     _warn_unused_flags(args, family)
     tokenizers = load_tokenizers(family, args.tokenizer_cache_dir)
     embeddings = [textual_inversion.load_embedding(file, family, [encoder.config.hidden_size
@@ -210,11 +212,15 @@ def options_from_png(path: str, args: argparse.Namespace) -> PromptOptions:
     return PromptOptions(
         prompt=record.prompt, negative_prompt=record.negative_prompt, width=record.width, height=record.height,
         steps=record.steps, seeds=[record.seed], scale=record.scale, negative_scale=record.negative_scale,
-        strength=record.strength, network_multipliers=record.network_multipliers,
+        # the PNG records every negative scale used: none there means none, whatever --negative_scale says
+        negative_scale_off=record.negative_scale is None, strength=record.strength,
+        network_multipliers=record.network_multipliers,
         original_width=record.original_width, original_height=record.original_height,
         original_width_negative=record.original_width_negative,
         original_height_negative=record.original_height_negative, crop_top=record.crop_top,
         crop_left=record.crop_left, target_width=record.target_width, target_height=record.target_height,
+        crop_top_negative=record.crop_top_negative, crop_left_negative=record.crop_left_negative,
+        target_width_negative=record.target_width_negative, target_height_negative=record.target_height_negative,
         sampler=record.sampler, guidance_rescale=record.guidance_rescale, source=str(path))
 
 
@@ -260,10 +266,10 @@ def _size_conditioning(args, options: PromptOptions, width: int, height: int) ->
     negative = SizeConditioning(
         original_hw=(_first(options.original_height_negative, args.original_height_negative, positive.original_hw[0]),
                      _first(options.original_width_negative, args.original_width_negative, positive.original_hw[1])),
-        crop_top_left=(_first(args.crop_top_negative, positive.crop_top_left[0]),
-                       _first(args.crop_left_negative, positive.crop_top_left[1])),
-        target_hw=(_first(args.target_height_negative, positive.target_hw[0]),
-                   _first(args.target_width_negative, positive.target_hw[1])))
+        crop_top_left=(_first(options.crop_top_negative, args.crop_top_negative, positive.crop_top_left[0]),
+                       _first(options.crop_left_negative, args.crop_left_negative, positive.crop_top_left[1])),
+        target_hw=(_first(options.target_height_negative, args.target_height_negative, positive.target_hw[0]),
+                   _first(options.target_width_negative, args.target_width_negative, positive.target_hw[1])))
     return positive, negative
 
 
@@ -309,16 +315,44 @@ def jobs_for_prompt(args, session_family: ModelFamily, options: PromptOptions, s
                 strength = options.strength if options.strength is not None else (
                     args.strength if args.strength is not None else defaults.DEFAULT_STRENGTH)
             size, negative_size = _size_conditioning(args, options, width, height)
+            scale = options.scale if options.scale is not None else args.scale
             yield ImageJob(
                 prompt=variant, negative_prompt=options.negative_prompt or "",
                 seed=seeds.next_seed(prompt_seeds, image_index), width=width, height=height,
-                steps=options.steps or args.steps, scale=options.scale if options.scale is not None else args.scale,
+                steps=options.steps or args.steps, scale=scale,
+                negative_scale=requested_negative_scale(args, options) if uses_guidance(scale) else None,
                 sampler=options.sampler or args.sampler, strength=strength, init_image=init_image,
                 mask=_open_image(mask_path, "--mask_path"),
                 guidance_rescale=options.guidance_rescale if options.guidance_rescale is not None
                 else args.guidance_rescale,
                 size=size, negative_size=negative_size,
                 extra={"options": options, "image_path": image_path, "mask_path": mask_path})
+
+
+def requested_negative_scale(args: argparse.Namespace, options: PromptOptions) -> float | None:
+    """The prompt's `--nl`, else `--negative_scale`; `--nl none` turns it off (kohya)."""
+    return None if options.negative_scale_off else _first(options.negative_scale, args.negative_scale)
+
+
+def unused_option_notes(args: argparse.Namespace, family: ModelFamily, options: PromptOptions) -> list[str]:
+    """What a prompt asks for that cannot apply to this run (said once per prompt source, then ignored)."""
+    notes = []
+    scale = options.scale if options.scale is not None else args.scale
+    negative_scale = requested_negative_scale(args, options)
+    if negative_scale is not None and not uses_guidance(scale):
+        notes.append(f"{options.source}: --nl/--negative_scale {negative_scale} needs a CFG scale above 1 (got "
+                     f"{scale}); ignored, as kohya does")
+    if options.strength is not None and not args.image_path:
+        notes.append(f"{options.source}: --t (img2img strength) applies only with --image_path; ignored")
+    sdxl_only = [name for name, value in (("ow", options.original_width), ("oh", options.original_height),
+                                          ("nw", options.original_width_negative),
+                                          ("nh", options.original_height_negative), ("ct", options.crop_top),
+                                          ("cl", options.crop_left), ("tw", options.target_width),
+                                          ("th", options.target_height)) if value is not None]
+    if sdxl_only and family.name != "sdxl":
+        notes.append(f"{options.source}: --{sdxl_only[0]}: size conditioning exists only for SDXL; ignored for "
+                     f"this {family.name} model")
+    return notes
 
 
 def batches(jobs: Iterable[ImageJob], batch_size: int) -> Iterator[list[ImageJob]]:
@@ -373,7 +407,7 @@ def image_record(session: Session, args: argparse.Namespace, job: ImageJob, mult
     return image_output.ImageRecord(
         prompt=job.extra["prompt"], raw_prompt=options.prompt if options.prompt != job.extra["prompt"] else None,
         negative_prompt=job.extra["negative_prompt"], seed=job.seed, steps=job.steps,
-        scale=job.scale, sampler=job.sampler, width=job.width, height=job.height,
+        scale=job.scale, negative_scale=job.negative_scale, sampler=job.sampler, width=job.width, height=job.height,
         strength=job.strength if job.extra["image_path"] is not None else None,
         guidance_rescale=job.guidance_rescale or None,
         clip_skip=None if sdxl else args.clip_skip, max_embeddings_multiples=args.max_embeddings_multiples,
@@ -383,6 +417,10 @@ def image_record(session: Session, args: argparse.Namespace, job: ImageJob, mult
         original_height_negative=negative.original_hw[0] if sdxl else None,
         crop_top=size.crop_top_left[0] if sdxl else None, crop_left=size.crop_top_left[1] if sdxl else None,
         target_width=size.target_hw[1] if sdxl else None, target_height=size.target_hw[0] if sdxl else None,
+        crop_top_negative=negative.crop_top_left[0] if sdxl else None,
+        crop_left_negative=negative.crop_top_left[1] if sdxl else None,
+        target_width_negative=negative.target_hw[1] if sdxl else None,
+        target_height_negative=negative.target_hw[0] if sdxl else None,
         highres_fix_scale=args.highres_fix_scale,
         highres_fix_steps=args.highres_fix_steps if args.highres_fix_scale else None,
         highres_fix_strength=args.highres_fix_strength if args.highres_fix_scale else None,
@@ -449,6 +487,10 @@ def _expanded_jobs(session: Session, args: argparse.Namespace, prompts: Iterable
     """Jobs with the embedding tokens expanded in the prompts the encoder sees (the PNG keeps what was typed)."""
     for options in prompts:
         check_multipliers(options, len(session.networks))
+        for note in unused_option_notes(args, session.family, options):
+            if note not in session.warned:
+                session.warned.add(note)
+                logger.warning(note)
         for job in jobs_for_prompt(args, session.family, options, seeds, init_images, rng):
             job.extra["prompt"], job.extra["negative_prompt"] = job.prompt, job.negative_prompt
             job.prompt = textual_inversion.expand_embedding_tokens(job.prompt, session.embeddings)

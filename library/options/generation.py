@@ -41,7 +41,8 @@ def add_generation_model_arguments(parser: argparse.ArgumentParser, *, sdxl_flag
     group.add_argument("--vae", type=str, default=None, help="use this VAE instead of the checkpoint's")
     group.add_argument("--v2", action="store_true", help="the model is SD2.x (checked against the file)")
     group.add_argument("--v_parameterization", action="store_true",
-                       help="the model predicts velocity (SD2.x 768-v); cannot be read from a single file")
+                       help="the model predicts velocity (SD2.x 768-v, v-prediction SDXL fine-tunes): sample with "
+                            "v-prediction; files that record modelspec.prediction_type = v need no flag")
     if sdxl_flag:
         group.add_argument("--sdxl", action="store_true", help="the model is SDXL (checked against the file)")
     group.add_argument("--tokenizer_cache_dir", type=str, default=None,
@@ -85,6 +86,10 @@ def add_image_arguments(parser: argparse.ArgumentParser, *, default_size_help: s
                        help=f"sampler (default {DEFAULT_SAMPLER})")
     group.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                        help=f"classifier-free guidance scale (default {DEFAULT_SCALE}; 1 or less: no negative pass)")
+    group.add_argument("--negative_scale", type=float, default=None,
+                       help="kohya's negative scale: guide from the empty prompt, toward the prompt by --scale and "
+                            "away from the negative prompt by this factor (3 U-Net passes per step); a prompt's --nl "
+                            "overrides it, --nl none turns it off; needs --scale above 1 (default: off)")
     group.add_argument("--guidance_rescale", type=fraction, default=0.0,
                        help="rescale the guided prediction toward the positive one's std (0..1, 0.7 is common with "
                             "zero-terminal-SNR models)")

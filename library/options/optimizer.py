@@ -54,6 +54,9 @@ def _add_optimizer_choice_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--optimizer_args", type=str, default=None, nargs="*",
                        help='extra optimizer keyword arguments as key=value, values as Python literals: '
                             '"weight_decay=0.01" "betas=0.9,0.999"')
+    group.add_argument("--fused_backward_pass", action="store_true",
+                       help="kohya's fused backward pass and optimizer step belongs to full fine-tuning; network "
+                            "training ignores it, as kohya's train_network.py does (a warning says so)")
 
 
 def _add_scheduler_arguments(group: argparse._ArgumentGroup) -> None:

@@ -12,6 +12,14 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    """A whole number >= 0 (step numbers where 0 is the start)."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return number
+
+
 def fraction(value: str) -> float:
     """A number from 0 to 1 (strengths, rescale factors)."""
     number = float(value)

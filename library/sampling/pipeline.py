@@ -47,6 +47,8 @@ class ImageJob:
     strength: img2img strength (0 keeps `init_image`, 1 ignores it); None for text-to-image.
     mask: inpainting mask (white = repaint), used with `init_image`.
     size / negative_size: SDXL size conditioning; None = original = target = image size, crop (0, 0).
+    negative_scale: kohya's negative scale (`--nl`): guide away from the negative prompt with its own scale,
+        relative to the empty prompt (see `guided_prediction`); None = plain classifier-free guidance.
     """
 
     prompt: str
@@ -63,21 +65,29 @@ class ImageJob:
     guidance_rescale: float = 0.0
     size: SizeConditioning | None = None
     negative_size: SizeConditioning | None = None
+    negative_scale: float | None = None
     extra: dict = field(default_factory=dict)  # caller's bookkeeping (prompt index, network multipliers, ...)
 
     def batch_key(self) -> tuple:
         return (self.width, self.height, self.steps, self.scale, self.sampler, self.strength, self.guidance_rescale,
-                self.init_image is not None, self.mask is not None)
+                self.init_image is not None, self.mask is not None, self.negative_scale)
 
 
 @dataclass
 class GuidanceConds:
     """What the U-Net is conditioned on, batched as [negatives..., positives...] for classifier-free guidance
-    (only positives when guidance is off). `added_cond_kwargs` holds SDXL's pooled vector and size ids."""
+    (only positives when guidance is off), plus [empty prompts...] with a negative scale (kohya's batch order).
+    `added_cond_kwargs` holds SDXL's pooled vector and size ids."""
 
     hidden_states: torch.Tensor
     guided: bool
     added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    negative_scale: float | None = None
+
+    @property
+    def parts(self) -> int:
+        """How many copies of the latents one U-Net call takes (1, 2 or 3)."""
+        return 1 if not self.guided else 2 if self.negative_scale is None else 3
 
 
 @dataclass(frozen=True)
@@ -105,12 +115,16 @@ def _encode_text(caption_encoder, texts: list[str], max_chunks: int | None):
 
 def encode_guidance_conds(caption_encoder, jobs: Sequence[ImageJob], *, guided: bool, sdxl_size_ids: bool,
                           settings: RenderSettings) -> GuidanceConds:
-    """Encode all negative and positive prompts in one batch (one token length) plus SDXL size ids.
+    """Encode all negative and positive prompts (and, with a negative scale, empty prompts) in one batch (one
+    token length) plus SDXL size ids.
 
     SDXL without explicit size conditioning: original size = target size = image size, crop (0, 0), as kohya's
-    sample pipeline does (COMPAT §14.4).
+    sample pipeline does (COMPAT §14.4). The empty-prompt rows take the negative side's size ids, since they
+    are the unconditional side of guidance.
     """
-    texts = ([job.negative_prompt for job in jobs] if guided else []) + [job.prompt for job in jobs]
+    negative_scale = jobs[0].negative_scale if guided else None
+    unconditional = [""] * len(jobs) if negative_scale is not None else []
+    texts = ([job.negative_prompt for job in jobs] if guided else []) + [job.prompt for job in jobs] + unconditional
     text_conds = _encode_text(caption_encoder, texts, settings.max_chunks)
     device, dtype = settings.device, settings.dtype
     hidden_states = text_conds.hidden_states.to(device=device, dtype=dtype)
@@ -122,9 +136,10 @@ def encode_guidance_conds(caption_encoder, jobs: Sequence[ImageJob], *, guided: 
             return (chosen or SizeConditioning(image_hw)).time_ids(image_hw)
 
         rows = ([ids(job, True) for job in jobs] if guided else []) + [ids(job, False) for job in jobs]
+        rows += [ids(job, True) for job in jobs] if unconditional else []
         added_cond_kwargs = {"text_embeds": text_conds.pooled.to(device=device, dtype=dtype),
                              "time_ids": torch.tensor(rows, device=device, dtype=dtype)}
-    return GuidanceConds(hidden_states, guided, added_cond_kwargs)
+    return GuidanceConds(hidden_states, guided, added_cond_kwargs, negative_scale)
 
 
 def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, rescale: float) -> torch.Tensor:
@@ -139,15 +154,24 @@ def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, rescale: floa
 
 def guided_prediction(unet, scheduler, latents: torch.Tensor, timestep: torch.Tensor, conds: GuidanceConds,
                       guidance_scale: float, dtype: torch.dtype, guidance_rescale: float = 0.0) -> torch.Tensor:
-    """The U-Net's prediction for one step, with classifier-free guidance (Ho & Salimans 2022) when batched."""
-    model_input = torch.cat([latents, latents]) if conds.guided else latents
+    """The U-Net's prediction for one step, with classifier-free guidance (Ho & Salimans 2022) when batched.
+
+    With a negative scale (kohya gen_img.py's `--nl`) the unconditional prediction is the empty prompt's:
+    uncond + scale·(positive − uncond) − negative_scale·(negative − uncond).
+    """
+    model_input = torch.cat([latents] * conds.parts) if conds.guided else latents
     model_input = scheduler.scale_model_input(model_input, timestep)
     prediction = unet(model_input.to(dtype), timestep, encoder_hidden_states=conds.hidden_states,
                       added_cond_kwargs=conds.added_cond_kwargs).sample.float()
     if not conds.guided:
         return prediction
-    negative, positive = prediction.chunk(2)
-    guided = negative + guidance_scale * (positive - negative)
+    if conds.negative_scale is None:
+        negative, positive = prediction.chunk(2)
+        guided = negative + guidance_scale * (positive - negative)
+    else:
+        negative, positive, unconditional = prediction.chunk(3)
+        guided = (unconditional + guidance_scale * (positive - unconditional)
+                  - conds.negative_scale * (negative - unconditional))
     return rescale_guidance(guided, positive, guidance_rescale)
 
 

@@ -142,9 +142,18 @@ def check_output_folder(names: OutputNames, *, resuming: bool, overwrite: bool) 
                         "or pass --overwrite_output")
 
 
+def epoch_save_interval(args: argparse.Namespace, num_epochs: int) -> int | None:
+    """Epochs between saves: --save_n_epoch_ratio R gives max(1, floor(epochs / R)) and replaces
+    --save_every_n_epochs (kohya's train_network.py); None when neither is given."""
+    ratio = getattr(args, "save_n_epoch_ratio", None)
+    if ratio:
+        return max(1, num_epochs // ratio)
+    return getattr(args, "save_every_n_epochs", None)
+
+
 def epoch_save_due(args: argparse.Namespace, epoch: int, num_epochs: int) -> bool:
     """Save at the end of this epoch? (not after the last one: the final save covers it, as kohya)."""
-    every = getattr(args, "save_every_n_epochs", None)
+    every = epoch_save_interval(args, num_epochs)
     return bool(every) and epoch % every == 0 and epoch < num_epochs
 
 
@@ -154,9 +163,11 @@ def step_save_due(args: argparse.Namespace, global_step: int) -> bool:
     return bool(every) and global_step % every == 0
 
 
-def prune_epoch_saves(names: OutputNames, args: argparse.Namespace, epoch: int) -> None:
-    """--save_last_n_epochs(_state): delete the save made `every × n` epochs before this one."""
-    every = args.save_every_n_epochs or 1
+def prune_epoch_saves(names: OutputNames, args: argparse.Namespace, epoch: int, num_epochs: int | None = None) -> None:
+    """--save_last_n_epochs(_state): delete the save made `every × n` epochs before this one. Without
+    `num_epochs`, --save_n_epoch_ratio must already be resolved into args.save_every_n_epochs
+    (run_setup.training_schedule does that)."""
+    every = (epoch_save_interval(args, num_epochs) if num_epochs else args.save_every_n_epochs) or 1
     if args.save_last_n_epochs:
         _remove(names.epoch_file(epoch - every * args.save_last_n_epochs))
     keep_states = args.save_last_n_epochs_state or args.save_last_n_epochs
@@ -197,7 +208,7 @@ class PlannedSaves:
 def planned_saves(args: argparse.Namespace, num_epochs: int, max_train_steps: int) -> PlannedSaves:
     """Count the saves the flags ask for (epoch/step saves, the final one), after --save_last_n_* pruning; one
     more of each exists for a moment while it is written, before the oldest is pruned."""
-    epoch_every, step_every = args.save_every_n_epochs or 0, args.save_every_n_steps or 0
+    epoch_every, step_every = epoch_save_interval(args, num_epochs) or 0, args.save_every_n_steps or 0
     epoch_saves = (num_epochs - 1) // epoch_every if epoch_every else 0
     step_saves = max_train_steps // step_every if step_every else 0
 

@@ -148,7 +148,7 @@ class ModelHooks:
             if caching.cache_to_disk:
                 accelerator.wait_for_everyone()
                 attach_existing_caches(group, latent_suffix=None, text_outputs=True)
-        if self.is_text_encoder_not_needed_for_training(args):
+        if self.is_text_encoder_not_needed_for_training(args) and not args.highvram:
             for encoder in text_encoders:
                 encoder.to("cpu")
 

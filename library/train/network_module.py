@@ -1,7 +1,7 @@
 """The trainer's side of kohya's `--network_module` protocol (COMPAT §16): import, create, param groups, base weights.
 
-Works with any module that has kohya's `create_network` (networks.lora, lycoris.kohya, ...); owns the LyCORIS
-preset workaround and the family check of LoRA files. The networks themselves live in networks/.
+Works with any module that has kohya's `create_network` (networks.lora, lycoris.kohya, ...); owns the LoRA+ flags
+and the family check of LoRA files. LyCORIS' presets and names: lycoris_presets.py; the networks: networks/.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import difflib
 import importlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -21,28 +20,15 @@ from tqdm import tqdm
 
 from library.errors import FlagError
 from library.families import file_kind
-from library.models.state_dict_io import TensorFile
+from library.models.state_dict_io import TensorFile, read_state_dict
+from library.train import lycoris_presets
 from networks import naming
 
 logger = logging.getLogger(__name__)
 
 OUR_NETWORK_MODULES = ("networks.lora", "networks.dylora", "networks.lora_fa")
 LYCORIS_PACKAGE = "lycoris"
-
-# LyCORIS 4.1.3's default preset targets `TimestepEmbedding` and `time_embedding.linear_1` both, so diffusers
-# U-Nets fail with "duplicated lora name"; its old "full" preset works (LIBRARIES §4).
-LYCORIS_WORKAROUND_PRESET: dict[str, Any] = {
-    "enable_conv": True,
-    "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
-    "unet_target_name": ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"],
-    "text_encoder_target_module": ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"],
-    "text_encoder_target_name": [],
-}
-# apply_preset mutates class attributes, so a preset applied earlier in the process leaks into the next network;
-# these keys are reset along with the workaround (LIBRARIES §4).
-LYCORIS_PRESET_RESET: dict[str, Any] = {"module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False,
-                                        "exclude_name": []}
-LYCORIS_PRESET_FILE = "lycoris_full_preset.toml"
+LORAPLUS_FLAGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -114,13 +100,16 @@ def create_network(module: ModuleType, *, multiplier: float, network_dim: int | 
                    output_dir: str | os.PathLike | None = None, network_dropout: float | None = None) -> Any:
     """`module.create_network(...)` as kohya calls it; None when the module returns None (nothing to train).
 
-    For lycoris.kohya without a `preset`, the LyCORIS workaround preset is written to a toml in a temp folder
-    (under output_dir when it exists) and passed as `preset=<path>`.
+    lycoris.kohya sees our models with kohya's module paths and class names, and its preset (LyCORIS' default
+    `full` when none is given) without duplicate targets: see library/train/lycoris_presets.py. The preset goes
+    to it as a toml in a temp folder (under output_dir when it exists).
     """
-    with _kwargs_with_lycoris_preset(module, kwargs, output_dir) as call_kwargs, _lycoris_errors(call_kwargs):
-        network = module.create_network(multiplier, network_dim, network_alpha, vae,
-                                        _text_encoder_argument(text_encoders), unet, neuron_dropout=network_dropout,
-                                        **call_kwargs)
+    kwargs = dict(kwargs)
+    with _lycoris_call(module, kwargs, text_encoders, unet, output_dir) as (call_kwargs, encoder_argument,
+                                                                            unet_argument), \
+            lycoris_presets.translated_errors(kwargs):
+        network = module.create_network(multiplier, network_dim, network_alpha, vae, encoder_argument, unet_argument,
+                                        neuron_dropout=network_dropout, **call_kwargs)
     if network is None:
         logger.info("%s.create_network returned None", module.__name__)
     return network
@@ -129,84 +118,74 @@ def create_network(module: ModuleType, *, multiplier: float, network_dim: int | 
 def create_network_from_weights(module: ModuleType, multiplier: float, file: str | os.PathLike, vae: Any,
                                 text_encoders: list, unet: torch.nn.Module, for_inference: bool = False,
                                 flag: str = "--network_weights", **kwargs: Any) -> tuple[Any, Any]:
-    """`module.create_network_from_weights(...)` -> (network, weights_sd), with the same LyCORIS preset handling.
+    """`module.create_network_from_weights(...)` -> (network, weights_sd); LyCORIS finds the file's kohya names
+    in the same kohya views of the models (names our earlier versions wrote are renamed to kohya's first).
 
     `flag` names the option the file came from in errors (--network_weights, --base_weights).
     """
     if file is None or not Path(file).is_file():
         raise FlagError(f"{flag} {file}: file not found")
-    lycoris_class = _lycoris_network_class(module)
-    if lycoris_class is not None:
-        # LyCORIS builds a throwaway network with the class's current preset first (LIBRARIES §4)
-        lycoris_class.apply_preset(_lycoris_preset_for(module, kwargs.get("preset")))
-    with _lycoris_errors(kwargs):
+    lycoris_class = lycoris_presets.lycoris_network_class(module)
+    if lycoris_class is None:
         return module.create_network_from_weights(multiplier, str(file), vae, _text_encoder_argument(text_encoders),
                                                   unet, for_inference=for_inference, **kwargs)
-
-
-def _existing_dir(path: str | os.PathLike | None) -> str | None:
-    return str(path) if path and Path(path).is_dir() else None
-
-
-def _lycoris_network_class(module: ModuleType) -> Any:
-    network_class = getattr(module, "LycorisNetworkKohya", None)
-    return network_class if callable(getattr(network_class, "apply_preset", None)) else None
+    unet_view = lycoris_presets.kohya_unet_view(unet)
+    # LyCORIS builds a throwaway network with the class's current preset first (LIBRARIES §4)
+    lycoris_class.apply_preset(lycoris_presets.preset_for_unet(module, kwargs.get("preset"), unet_view))
+    weights_sd = naming.rename_unet_aliases(read_state_dict(file),
+                                            lycoris_presets.name_aliases(list(text_encoders), unet))
+    with lycoris_presets.translated_errors(kwargs):
+        return module.create_network_from_weights(
+            multiplier, str(file), vae, lycoris_presets.kohya_text_encoder_argument(list(text_encoders)), unet_view,
+            weights_sd=weights_sd, for_inference=for_inference, **kwargs)
 
 
 @contextlib.contextmanager
-def _kwargs_with_lycoris_preset(module: ModuleType, kwargs: dict[str, Any], output_dir: str | os.PathLike | None
-                                ) -> Iterator[dict[str, Any]]:
-    """A copy of kwargs; for LyCORIS a user preset is checked, else the workaround preset is written to a temp
-    toml (removed afterwards: LyCORIS reads it during create_network) and passed as `preset`."""
-    kwargs = dict(kwargs)
-    lycoris_class = _lycoris_network_class(module)
-    if lycoris_class is None or kwargs.get("preset"):
-        if lycoris_class is not None:
-            _lycoris_preset_for(module, kwargs["preset"])
-        yield kwargs
+def _lycoris_call(module: ModuleType, kwargs: dict[str, Any], text_encoders: list, unet: torch.nn.Module,
+                  output_dir: str | os.PathLike | None) -> Iterator[tuple[dict[str, Any], Any, Any]]:
+    """(kwargs, text-encoder argument, U-Net argument) for create_network: as given, or for LyCORIS the prepared
+    preset and kohya's views of the models."""
+    if lycoris_presets.lycoris_network_class(module) is None:
+        yield kwargs, _text_encoder_argument(text_encoders), unet
         return
-    import toml
-
-    with tempfile.TemporaryDirectory(prefix="lycoris-preset-", dir=_existing_dir(output_dir)) as temp_dir:
-        preset_path = Path(temp_dir) / LYCORIS_PRESET_FILE
-        preset_path.write_text(toml.dumps(LYCORIS_WORKAROUND_PRESET), encoding="utf-8")
-        lycoris_class.apply_preset({**LYCORIS_WORKAROUND_PRESET, **LYCORIS_PRESET_RESET})
-        logger.info("lycoris.kohya: no preset in --network_args; using the old 'full' preset (%s), because "
-                    "LyCORIS' default preset fails on diffusers U-Nets with 'duplicated lora name'", preset_path)
-        yield {**kwargs, "preset": str(preset_path)}
-
-
-def _lycoris_preset_for(module: ModuleType, preset: str | None) -> dict[str, Any]:
-    """The preset dict for `preset=<name or toml>`, or the workaround (with the leaked keys reset) when none."""
-    if not preset:
-        return {**LYCORIS_WORKAROUND_PRESET, **LYCORIS_PRESET_RESET}
-    builtin = getattr(module, "PRESET", {})
-    if preset in builtin:
-        return builtin[preset]
-    if not Path(preset).is_file():
-        hint = f"; did you mean {close[0]}?" if (close := difflib.get_close_matches(preset, list(builtin), n=1)) else ""
-        raise FlagError(f"--network_args preset={preset}: expected a LyCORIS preset name ({', '.join(builtin)}) "
-                        f"or a preset .toml file, got neither{hint}")
-    loaded = module.read_preset(preset)
-    if loaded is None:
-        raise FlagError(f"--network_args preset={preset}: not a valid LyCORIS preset toml (see the message above)")
-    return loaded
-
-
-@contextlib.contextmanager
-def _lycoris_errors(kwargs: dict[str, Any]) -> Iterator[None]:
-    """Turn LyCORIS' "duplicated lora name" assertion (a preset that hits one layer twice) into a FlagError."""
-    try:
-        yield
-    except AssertionError as error:
-        if "duplicated lora name" not in str(error):
-            raise
-        raise FlagError(f"--network_args preset={kwargs.get('preset')}: {error}; this LyCORIS preset targets one "
-                        "layer twice on diffusers U-Nets. Leave preset out (the old 'full' preset is used) or use "
-                        "preset=attn-mlp") from None
+    with lycoris_presets.prepared_call(module, kwargs, unet, output_dir) as (call_kwargs, unet_view):
+        yield call_kwargs, lycoris_presets.kohya_text_encoder_argument(list(text_encoders or [])), unet_view
 
 
 # ----------------------------------------------------------------------------------------------- optimizer groups
+
+
+def apply_loraplus_flags(network: Any, network_module: str, loraplus_lr_ratio: float | None = None,
+                         loraplus_unet_lr_ratio: float | None = None,
+                         loraplus_text_encoder_lr_ratio: float | None = None) -> None:
+    """`--loraplus_lr_ratio` / `--loraplus_unet_lr_ratio` / `--loraplus_text_encoder_lr_ratio` on a created network.
+
+    kohya's networks take the ratios through `set_loraplus_lr_ratio` (networks.lora, networks.dylora and LyCORIS
+    have it); prepare_optimizer_params then puts lora_up weights in " plus" groups at lr × ratio. A ratio given
+    only in --network_args stays; a flag wins over the same key there (logged). A network without LoRA+ support
+    is an error, as in kohya, rather than a run that silently trains without it.
+    """
+    flags = dict(zip(LORAPLUS_FLAGS, (loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)))
+    given = {key: float(value) for key, value in flags.items() if value is not None}
+    if not given:
+        return
+    for key, value in given.items():
+        if value <= 0:
+            raise FlagError(f"--{key}: expected a ratio > 0 (lora_up trains at lr × ratio, e.g. 16), got {value:g}")
+    if not callable(getattr(network, "set_loraplus_lr_ratio", None)):
+        raise FlagError(f"--{next(iter(given))}: the network of --network_module {network_module} "
+                        f"({type(network).__name__}) has no LoRA+ support (no set_loraplus_lr_ratio); use "
+                        f"networks.lora, networks.dylora or lycoris.kohya, or leave the LoRA+ flags out")
+    ratios = {}
+    for key in LORAPLUS_FLAGS:
+        from_args = getattr(network, key, None)
+        if key in given and from_args is not None and float(from_args) != given[key]:
+            logger.info("--%s %g replaces %s=%g of --network_args", key, given[key], key, from_args)
+        ratios[key] = given.get(key, from_args)
+    network.set_loraplus_lr_ratio(*ratios.values())
+    logger.info("LoRA+: lora_up learning-rate ratio %s for the U-Net, %s for the text encoder(s)",
+                ratios["loraplus_unet_lr_ratio"] or ratios["loraplus_lr_ratio"],
+                ratios["loraplus_text_encoder_lr_ratio"] or ratios["loraplus_lr_ratio"])
 
 
 def optimizer_param_groups(network: Any, *, text_encoder_lrs: list[float] | float | None, unet_lr: float | None,

@@ -20,7 +20,7 @@ import torch
 from library.errors import FlagError, TrainingStopped
 from library.families import ModelFamily
 from library.models.state_dict_io import DiskFullError
-from library.train import checkpoints, network_module, state_folder
+from library.train import checkpoints, network_module, run_setup, state_folder
 from library.train.checkpoints import OutputNames, TrainProgress
 from library.train.model_hooks import ModelHooks, cast_to_fp8
 from library.train.step_hooks import StepHooks
@@ -148,9 +148,13 @@ class NetworkTrainer(ModelHooks, StepHooks):
 
     # ------------------------------------------------------------------------------------------------ phases
 
-    def train(self, args: argparse.Namespace) -> Path:
-        """Run the whole training; returns the path of the final network file."""
+    def train(self, args: argparse.Namespace) -> Path | None:
+        """Run the whole training; returns the path of the final network file (None for --lint_dataset /
+        --debug_dataset, which only report on the dataset)."""
         self._run = run = self.prepare_run(args)
+        if args.lint_dataset or args.debug_dataset:
+            self.report_dataset(run)
+            return None
         self._models = models = self.load_models(run)
         self.prepare_conditioning(run, models)
         self._trainable = trainable = self.build_trainable(run, models)
@@ -165,9 +169,11 @@ class NetworkTrainer(ModelHooks, StepHooks):
         from library.options.metadata import check_metadata_arguments
         from library.options.noise_loss import check_noise_and_loss_flags
         from library.options.training import weight_dtype
-        from library.train import run_setup
 
         run_setup.check_output_flags(args)
+        if args.lowram:
+            logger.warning("--lowram has no effect here: models are read tensor by tensor, so system RAM never "
+                           "holds a second copy")
         run_setup.check_precision_flags(args)
         check_noise_and_loss_flags(args)
         check_metadata_arguments(args)
@@ -197,6 +203,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
         run = TrainingRun(args, self.family, accelerator, weight_dtype(args.mixed_precision), train_group, val_group,
                           sample_prompts=sample_prompts)
         run.schedule = run_setup.training_schedule(args, len(train_group), accelerator.num_processes)
+        run_setup.initial_step(args, run.schedule)  # a start past the end fails before models load
         run.names = OutputNames(args.output_dir, args.output_name, "." + args.save_model_as)
         checkpoints.check_output_folder(run.names, resuming=bool(args.resume), overwrite=args.overwrite_output)
         if accelerator.is_main_process:
@@ -204,6 +211,21 @@ class NetworkTrainer(ModelHooks, StepHooks):
         train_group.set_max_steps(run.schedule.max_train_steps)
         run.progress = TrainProgress(session_id=random.randint(0, 2**32), started_at=time.time())
         return run
+
+    def report_dataset(self, run: TrainingRun) -> None:
+        """--lint_dataset: the lint report; --debug_dataset: every batch of the first epoch. No model loads."""
+        from library.data.debug import describe_batches
+
+        args = run.args
+        if args.lint_dataset and args.skip_dataset_lint:
+            raise FlagError("--lint_dataset and --skip_dataset_lint contradict each other; give one of them")
+        if args.lint_dataset:
+            # the report was logged while the dataset was built (prepare_run); fatal problems stopped it there
+            logger.info("--lint_dataset: the dataset was scanned (report above); not training")
+        if args.debug_dataset and run.accelerator.is_main_process:
+            # the listing is this flag's product, so it goes to stdout
+            print("\n".join(describe_batches(run.train_group, epoch=1)))
+            logger.info("--debug_dataset: batches listed; not training")
 
     def _load_sample_prompts(self, args) -> list:
         if not args.sample_prompts:
@@ -276,7 +298,8 @@ class NetworkTrainer(ModelHooks, StepHooks):
                 if caching.cache_to_disk:
                     accelerator.wait_for_everyone()
                     attach_existing_caches(group, latent_suffix=caching.cache_suffix, text_outputs=False)
-            models.vae.to("cpu")
+            if not args.highvram:  # kohya's --highvram keeps models on the GPU after caching
+                models.vae.to("cpu")
         else:
             models.vae.to(accelerator.device)
         self.cache_text_encoder_outputs_if_needed(args, accelerator, models.unet, models.vae, models.text_encoders,
@@ -300,6 +323,8 @@ class NetworkTrainer(ModelHooks, StepHooks):
             raise TrainingStopped(f"--network_module {args.network_module} created no network; nothing to train")
         if hasattr(network, "prepare_network"):
             network.prepare_network(args)
+        network_module.apply_loraplus_flags(network, args.network_module, args.loraplus_lr_ratio,
+                                            args.loraplus_unet_lr_ratio, args.loraplus_text_encoder_lr_ratio)
         self.post_process_network(args, run.accelerator, network, models.text_encoders, models.unet)
         train_unet = not args.network_train_text_encoder_only
         encoder_flags = self.get_text_encoders_train_flags(args, models.text_encoders)
@@ -308,7 +333,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
         network.apply_to(encoders, models.unet, train_text_encoder, train_unet)
         if args.torch_compile:
             # after apply_to, so the compiled graph includes the network's patched forwards
-            models.unet = torch.compile(models.unet, backend=args.dynamo_backend)
+            models.unet = torch.compile(models.unet, **run_setup.torch_compile_kwargs(args))
         if args.network_weights:
             info = network.load_weights(args.network_weights)
             logger.info("loaded network weights from %s: %s", args.network_weights, info)
@@ -384,8 +409,11 @@ class NetworkTrainer(ModelHooks, StepHooks):
             # the network is not DDP-wrapped: its forward runs inside the frozen models (see all_reduce_network)
             trainable.optimizer, trainable.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
         if args.resume:
-            run.progress = self.load_state(run, trainable, Path(args.resume)).position_from_step(
+            from library.train import hub
+
+            run.progress = self.load_state(run, trainable, hub.resume_folder(args)).position_from_step(
                 schedule.steps_per_epoch, schedule.accumulation)
+        run.progress = run_setup.start_position(args, schedule, run.progress)
         warmup = getattr(lr_scheduler, "warmup_steps", None) or 0
         trainable.metadata = training_metadata(
             args, self.family, session_id=run.progress.session_id or 0, started_at=run.progress.started_at or 0.0,
@@ -407,9 +435,20 @@ class NetworkTrainer(ModelHooks, StepHooks):
         accelerator, args = run.accelerator, run.args
         accelerator.wait_for_everyone()
         final = run.names.last_file()
-        self.save_network_file(run, trainable, final, epoch=run.schedule.num_epochs)
+        from library.train.training_loop import optimizer_eval_mode
+
+        from library.train import hub
+
+        with optimizer_eval_mode(trainable.optimizer):
+            self.save_network_file(run, trainable, final, epoch=run.schedule.num_epochs)
+        if accelerator.is_main_process:
+            hub.upload_saved(args, final, force_sync=True)  # kohya uploads the last file synchronously
         if args.save_state or args.save_state_on_train_end:
             self.save_state(run, trainable, run.names.last_state())
+            if accelerator.is_main_process:
+                hub.upload_saved(args, run.names.last_state())
+        if accelerator.is_main_process:
+            hub.wait_for_uploads()
         accelerator.end_training()
         if accelerator.is_main_process:
             logger.info("training finished: %s (%d steps)", final, run.progress.global_step)

@@ -29,8 +29,14 @@ def check_network_flags(args: argparse.Namespace, text_encoder_count: int) -> No
     if args.dim_from_weights and not args.network_weights:
         raise FlagError("--dim_from_weights needs --network_weights (the file to take the ranks from)")
     if args.text_encoder_lr and len(args.text_encoder_lr) > text_encoder_count:
-        raise FlagError(f"--text_encoder_lr got {len(args.text_encoder_lr)} values but this model has "
-                        f"{text_encoder_count} text encoder(s)")
+        # kohya_ss writes two values even for SD1.x; kohya's train_network.py uses the first ones
+        used = args.text_encoder_lr[:text_encoder_count]
+        logger.warning("--text_encoder_lr got %d values but this model has %d text encoder(s); using %s",
+                       len(args.text_encoder_lr), text_encoder_count, " ".join(f"{value:g}" for value in used))
+        args.text_encoder_lr = used
+    if getattr(args, "fused_backward_pass", False):
+        logger.warning("--fused_backward_pass has no effect on network training (kohya uses it in full "
+                       "fine-tuning only); ignored")
     if args.base_weights_multiplier and len(args.base_weights_multiplier) != len(args.base_weights or []):
         raise FlagError(f"--base_weights_multiplier got {len(args.base_weights_multiplier)} values for "
                         f"{len(args.base_weights or [])} --base_weights files; give one per file")
@@ -99,16 +105,21 @@ def check_output_flags(args: argparse.Namespace) -> None:
     check_writable_folder(args.output_dir, "--output_dir")
     if args.logging_dir:
         check_writable_folder(args.logging_dir, "--logging_dir")
-    if args.resume and not Path(args.resume).is_dir():
+    from library.train.hub import check_hub_flags
+
+    check_hub_flags(args)
+    if args.resume and not getattr(args, "resume_from_huggingface", False) and not Path(args.resume).is_dir():
         raise FlagError(f"--resume {args.resume}: no such folder; expected a '-state' folder saved with --save_state")
     if args.sample_prompts and not Path(args.sample_prompts).is_file():
         raise FlagError(f"--sample_prompts {args.sample_prompts}: no such file")
 
 
 def make_accelerator(args: argparse.Namespace):
-    """accelerate's Accelerator for the flags: mixed precision, trackers, DDP timeout."""
+    """accelerate's Accelerator for the flags: mixed precision, trackers, DDP timeout, DeepSpeed plugin."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
+
+    from library.train.deepspeed_plugin import deepspeed_plugin
 
     handlers = []
     if args.ddp_timeout:
@@ -123,12 +134,26 @@ def make_accelerator(args: argparse.Namespace):
             raise FlagError("--log_with wandb needs the wandb package: pip install wandb")
         if args.wandb_api_key:
             os.environ.setdefault("WANDB_API_KEY", args.wandb_api_key)  # wandb reads it at init
+    plugin = deepspeed_plugin(args)
     _forget_previous_run_settings(args.mixed_precision)
     try:
         return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
-                           project_dir=args.logging_dir, kwargs_handlers=handlers)
+                           project_dir=args.logging_dir, kwargs_handlers=handlers, deepspeed_plugin=plugin)
     except ValueError as error:
         raise FlagError(f"--mixed_precision {args.mixed_precision}: {error}") from error
+
+
+def torch_compile_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of torch.compile for --dynamo_backend/_mode/_fullgraph/_dynamic (kohya's
+    TorchDynamoPlugin fields); an unset switch leaves torch's own default."""
+    kwargs: dict = {"backend": args.dynamo_backend}
+    if getattr(args, "dynamo_mode", None):
+        kwargs["mode"] = args.dynamo_mode
+    if getattr(args, "dynamo_fullgraph", False):
+        kwargs["fullgraph"] = True
+    if getattr(args, "dynamo_dynamic", False):
+        kwargs["dynamic"] = True
+    return kwargs
 
 
 def _forget_previous_run_settings(mixed_precision: str) -> None:
@@ -165,4 +190,70 @@ def training_schedule(args: argparse.Namespace, total_batches: int, num_processe
     else:
         max_steps = args.max_train_steps
     num_epochs = math.ceil(max_steps / steps_per_epoch)
+    _resolve_save_n_epoch_ratio(args, num_epochs)
     return TrainingSchedule(batches, steps_per_epoch, num_epochs, max_steps, accumulation)
+
+
+def initial_step(args: argparse.Namespace, schedule: TrainingSchedule) -> int | None:
+    """The step --initial_step names, or the first step of --initial_epoch (kohya: --initial_step wins); None
+    when neither is given.
+
+    Raises:
+        FlagError: the step is not before the last step of the run.
+    """
+    if args.initial_step is not None:
+        step, flag = args.initial_step, f"--initial_step {args.initial_step}"
+    elif args.initial_epoch is not None:
+        step, flag = (args.initial_epoch - 1) * schedule.steps_per_epoch, f"--initial_epoch {args.initial_epoch}"
+    else:
+        return None
+    if step > 0 and step >= schedule.max_train_steps:
+        raise FlagError(f"{flag}: the run has only {schedule.max_train_steps} steps "
+                        f"({schedule.steps_per_epoch} per epoch); expected a start before the last step")
+    return step
+
+
+def start_position(args: argparse.Namespace, schedule: TrainingSchedule, progress):
+    """Where the loop starts with --initial_step / --initial_epoch, as kohya's train_network.py does:
+
+    - with --skip_until_initial_step the run continues at that step, on the batches it would have seen there
+      (the batches before it are skipped without being loaded); the step counter starts there too;
+    - without it only the epoch number starts at the epoch that holds the step: the step counter starts at 0
+      and the run ends after the last epoch, as in kohya.
+
+    Either way the learning-rate schedule is the one --resume restored, or starts at 0. Returns `progress`
+    unchanged when neither flag is given."""
+    from library.train.checkpoints import TrainProgress
+
+    step = initial_step(args, schedule)
+    if step is None:
+        return progress
+    if args.resume:
+        logger.warning("--%s given: the position saved in the --resume state (step %d) is not used",
+                       "initial_step" if args.initial_step is not None else "initial_epoch", progress.global_step)
+    elif step:
+        logger.info("--initial_step/--initial_epoch without --resume: the learning-rate schedule starts at 0")
+    if args.skip_until_initial_step:
+        position = TrainProgress(0, 0, step).position_from_step(schedule.steps_per_epoch, schedule.accumulation)
+        logger.info("skipping the first %d step(s): starting at epoch %d, step %d", step, position.epoch, step)
+        return TrainProgress(position.epoch, position.batch_in_epoch, step, progress.session_id, progress.started_at)
+    epoch = step // max(schedule.steps_per_epoch, 1) + 1
+    if epoch > 1:
+        logger.info("starting at epoch %d (numbering only: every batch of it trains, and the step count starts at 0;"
+                    " --skip_until_initial_step continues at the step instead)", epoch)
+    return TrainProgress(epoch, 0, 0, progress.session_id, progress.started_at)
+
+
+def _resolve_save_n_epoch_ratio(args: argparse.Namespace, num_epochs: int) -> None:
+    """--save_n_epoch_ratio becomes args.save_every_n_epochs once the epochs are known, as kohya's
+    train_network.py does, so every later reader of the interval (saves, pruning) agrees."""
+    from library.train.checkpoints import epoch_save_interval
+
+    ratio = getattr(args, "save_n_epoch_ratio", None)
+    if not ratio:
+        return
+    every = epoch_save_interval(args, num_epochs)
+    if args.save_every_n_epochs and args.save_every_n_epochs != every:
+        logger.warning("--save_n_epoch_ratio %d replaces --save_every_n_epochs %d", ratio, args.save_every_n_epochs)
+    logger.info("--save_n_epoch_ratio %d: saving every %d epoch(s) of %d", ratio, every, num_epochs)
+    args.save_every_n_epochs = every

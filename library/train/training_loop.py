@@ -10,6 +10,7 @@ exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -64,6 +65,9 @@ def run_training_loop(trainer, run, models, trainable) -> None:
         logger.info("training: %d epochs, %d steps (%d per epoch), batch accumulation %d, %d process(es)",
                     schedule.num_epochs, schedule.max_train_steps, schedule.steps_per_epoch, schedule.accumulation,
                     accelerator.num_processes)
+    inner_optimizer = getattr(trainable.optimizer, "optimizer", trainable.optimizer)
+    if callable(getattr(inner_optimizer, "train", None)):
+        inner_optimizer.train()  # schedule-free optimizers start in train mode
     if args.sample_at_first and progress.global_step == 0:
         _sample(trainer, run, models, epoch=0, step=0)
     while progress.global_step < schedule.max_train_steps and progress.epoch <= schedule.num_epochs:
@@ -77,6 +81,7 @@ def _leave_cores_for_workers(accelerator, workers: int) -> None:
     if accelerator.device.type != "cpu" or not workers:
         return
     threads = max(1, (os.cpu_count() or 1) - workers)
+    accelerator.compute_threads = torch.get_num_threads()  # sampling (no loader running) gets them all back
     if torch.get_num_threads() > threads:
         logger.info("CPU training with %d loader workers: using %d compute thread(s)", workers, threads)
         torch.set_num_threads(threads)
@@ -149,6 +154,7 @@ def _micro_batch_loss(trainer, run, models, trainable, batch: dict, is_train: bo
     from library.options.training import vae_dtype
 
     args, accelerator, network = run.args, run.accelerator, trainable.network
+    _apply_dataset_multiplier(run, network, batch)
     if hasattr(network, "on_step_start"):
         network.on_step_start(_encoder_arg(models), models.unet)
     trainer.on_step_start(args, accelerator, network, models.text_encoders, models.unet, batch, run.weight_dtype,
@@ -158,6 +164,18 @@ def _micro_batch_loss(trainer, run, models, trainable, batch: dict, is_train: bo
         vae_dtype(args.mixed_precision, args.no_half_vae), run.weight_dtype, accelerator, args,
         models.text_encoding_strategy, models.tokenize_strategy, is_train=is_train,
         train_text_encoder=trainable.train_text_encoder, train_unet=trainable.train_unet)
+
+
+def _apply_dataset_multiplier(run, network, batch: dict) -> None:
+    """The dataset key network_multiplier scales --network_multiplier for that dataset's batches (a batch holds
+    one dataset's samples). set_multiplier is only called when the value changes."""
+    multipliers = batch.get("network_multipliers")
+    if multipliers is None or not hasattr(network, "set_multiplier"):
+        return
+    value = float(run.args.network_multiplier) * float(multipliers[0])
+    if getattr(network, "_dataset_multiplier", None) != value:
+        network.set_multiplier(value)
+        network._dataset_multiplier = value
 
 
 def _encoder_arg(models):
@@ -200,7 +218,8 @@ def after_step(trainer, run, models, trainable) -> None:
         _sample(trainer, run, models, epoch=None, step=progress.global_step)
     if run.val_group is not None and args.validate_every_n_steps and \
             progress.global_step % args.validate_every_n_steps == 0:
-        validate(trainer, run, models, trainable, "step")
+        with optimizer_eval_mode(trainable.optimizer):
+            validate(trainer, run, models, trainable, "step")
 
 
 def after_epoch(trainer, run, models, trainable, epoch: int, step_logger) -> None:
@@ -215,14 +234,22 @@ def after_epoch(trainer, run, models, trainable, epoch: int, step_logger) -> Non
         _sample(trainer, run, models, epoch=epoch, step=run.progress.global_step)
     every = args.validate_every_n_epochs or (None if args.validate_every_n_steps else 1)
     if run.val_group is not None and every and epoch % every == 0:
-        validate(trainer, run, models, trainable, "epoch")
+        with optimizer_eval_mode(trainable.optimizer):
+            validate(trainer, run, models, trainable, "epoch")
 
 
 def save_progress(trainer, run, trainable, file, state_folder, epoch: int | None = None) -> None:
     run.accelerator.wait_for_everyone()
-    trainer.save_network_file(run, trainable, file, epoch if epoch is not None else run.progress.epoch)
+    from library.train import hub
+
+    with optimizer_eval_mode(trainable.optimizer):
+        trainer.save_network_file(run, trainable, file, epoch if epoch is not None else run.progress.epoch)
+    if run.accelerator.is_main_process:
+        hub.upload_saved(run.args, file)
     if run.args.save_state:
-        trainer.save_state(run, trainable, state_folder)
+        trainer.save_state(run, trainable, state_folder)  # the optimizer's own (train-mode) state
+        if run.accelerator.is_main_process:
+            hub.upload_saved(run.args, state_folder)
 
 
 def _sampling_due(run, epoch: int | None) -> bool:
@@ -234,8 +261,33 @@ def _sampling_due(run, epoch: int | None) -> bool:
 
 
 def _sample(trainer, run, models, epoch, step) -> None:
-    trainer.sample_images(run.accelerator, run.args, epoch, step, run.accelerator.device, models.vae,
-                          models.tokenizers, _encoder_arg(models), models.unet)
+    network = trainer._trainable.network
+    if getattr(network, "_dataset_multiplier", None) not in (None, float(run.args.network_multiplier)):
+        network.set_multiplier(float(run.args.network_multiplier))  # samples show the network at --network_multiplier
+        network._dataset_multiplier = float(run.args.network_multiplier)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(getattr(run.accelerator, "compute_threads", threads))
+    try:
+        with optimizer_eval_mode(trainer._trainable.optimizer):
+            trainer.sample_images(run.accelerator, run.args, epoch, step, run.accelerator.device, models.vae,
+                                  models.tokenizers, _encoder_arg(models), models.unet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def optimizer_eval_mode(optimizer):
+    """Schedule-free optimizers (optimizer.eval()/train()) hold the weights to evaluate only in eval mode:
+    sampling, validation and saving happen there, as in kohya. Other optimizers have no such methods."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    switch = callable(getattr(inner, "eval", None)) and callable(getattr(inner, "train", None))
+    if switch:
+        inner.eval()
+    try:
+        yield
+    finally:
+        if switch:
+            inner.train()
 
 
 @torch.no_grad()
@@ -291,7 +343,9 @@ def _init_trackers(run) -> None:
     run_name = (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
     if args.logging_dir:
         init_kwargs.setdefault("tensorboard", {})
-    accelerator.init_trackers(name if not args.logging_dir else run_name,
+    if not args.log_tracker_name and args.logging_dir:
+        name = run_name  # one TensorBoard folder per run under --logging_dir
+    accelerator.init_trackers(name,
                               config=_tracker_config(args) if args.log_config else None, init_kwargs=init_kwargs)
 
 

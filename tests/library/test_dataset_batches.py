@@ -193,11 +193,11 @@ def test_controlnet_conditioning_has_bucket_size_and_flips_with_the_image(tmp_pa
          "num_repeats": 6, "flip_aug": True}]}]}
     (batch,) = all_batches(group_from_config(tmp_path, config, supports_controlnet=True))
     conditioning = batch["conditioning_images"]
-    assert conditioning.shape == (6, 3, 64, 64) and conditioning.min() >= 0.0 and conditioning.max() <= 1.0
-    image_as_unit = (batch["images"] + 1.0) / 2.0
+    # kohya's range for conditioning images, as for the training images: ToTensor + Normalize(0.5) -> -1..1
+    assert conditioning.shape == (6, 3, 64, 64) and conditioning.min() >= -1.0 and conditioning.max() <= 1.0
     # resize 96x64 -> 96x64 (no change) and a centre crop of 64 columns: identical cut for both
-    assert torch.allclose(image_as_unit + conditioning, torch.ones_like(conditioning), atol=1e-6)
-    centre = torch.from_numpy(255 - image_pixels[:, 16:80]).permute(2, 0, 1).float() / 255.0
+    assert torch.allclose(batch["images"] + conditioning, torch.zeros_like(conditioning), atol=1e-6)
+    centre = torch.from_numpy(255 - image_pixels[:, 16:80]).permute(2, 0, 1).float() / 127.5 - 1.0
     for position, flipped in enumerate(batch["flippeds"]):
         assert torch.allclose(conditioning[position], centre.flip(-1) if flipped else centre, atol=1e-6)
     assert set(batch["flippeds"]) == {True, False}

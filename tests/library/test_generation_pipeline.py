@@ -9,12 +9,14 @@ from PIL import Image
 
 from library.sampling import img2img
 from library.sampling.pipeline import (
+    GuidanceConds,
     ImageJob,
     RenderSettings,
     SizeConditioning,
     decode_latents,
     encode_guidance_conds,
     generate_batch,
+    guided_prediction,
     rescale_guidance,
 )
 from library.sampling.samplers import SAMPLER_NAMES
@@ -180,3 +182,53 @@ def test_sdxl_size_conditioning_rows_follow_each_side_of_guidance(sdxl):
 def test_sdxl_batch_renders_with_negative_size_conditioning(sdxl):
     images = _render(sdxl, [_job(steps=2, negative_size=SizeConditioning((32, 32))), _job(steps=2, seed=5)])
     assert len(images) == 2 and images[0].shape == (64, 64, 3)
+
+
+class _RowUNet:
+    """A stand-in U-Net whose prediction for each batch row is that row's conditioning value."""
+
+    def __call__(self, model_input, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=torch.zeros_like(model_input) + encoder_hidden_states.view(-1, 1, 1, 1))
+
+
+class _IdentityScheduler:
+    def scale_model_input(self, model_input, timestep):
+        return model_input
+
+
+def test_negative_scale_is_kohyas_three_part_formula():
+    latents = torch.zeros(1, 4, 2, 2)
+    negative, positive, unconditional = 2.0, 5.0, 1.0
+    conds = GuidanceConds(torch.tensor([negative, positive, unconditional]).view(3, 1, 1), True, None, 0.5)
+    prediction = guided_prediction(_RowUNet(), _IdentityScheduler(), latents, torch.tensor(1), conds, 7.0,
+                                   torch.float32)
+    expected = unconditional + 7.0 * (positive - unconditional) - 0.5 * (negative - unconditional)
+    assert torch.equal(prediction, torch.full_like(latents, expected))
+    plain = GuidanceConds(torch.tensor([negative, positive]).view(2, 1, 1), True)
+    plain_prediction = guided_prediction(_RowUNet(), _IdentityScheduler(), latents, torch.tensor(1), plain, 7.0,
+                                         torch.float32)
+    assert torch.equal(plain_prediction, torch.full_like(latents, negative + 7.0 * (positive - negative)))
+
+
+def test_negative_scale_sends_negative_prompt_and_empty_prompt_rows(sd1, sdxl):
+    bundle, encoder = sd1
+    sizes = []
+    hook = bundle.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        _render(sd1, [_job(steps=1, negative_scale=2.0), _job(steps=1, seed=2, negative_scale=2.0)])
+        _render(sd1, [_job(steps=1)])
+    finally:
+        hook.remove()
+    assert sizes == [6, 2]  # two images × (negative, prompt, empty prompt); then negative + prompt
+    conds = encode_guidance_conds(encoder, [_job(negative_scale=2.0)], guided=True, sdxl_size_ids=False,
+                                  settings=SETTINGS)
+    empty = encoder.encode_prompts([""], max_chunks=3).hidden_states
+    assert conds.parts == 3 and torch.allclose(conds.hidden_states[2:], empty, atol=1e-5)
+    _, xl_encoder = sdxl
+    job = _job(negative_scale=1.0, size=SizeConditioning((1024, 768)), negative_size=SizeConditioning((512, 512)))
+    xl = encode_guidance_conds(xl_encoder, [job], guided=True, sdxl_size_ids=True, settings=SETTINGS)
+    assert xl.added_cond_kwargs["time_ids"].tolist() == [[512, 512, 0, 0, 64, 64], [1024, 768, 0, 0, 64, 64],
+                                                         [512, 512, 0, 0, 64, 64]]
+    assert xl.added_cond_kwargs["text_embeds"].shape[0] == 3

@@ -38,6 +38,7 @@ def _full_record() -> ImageRecord:
         negative_scale=5.0, strength=0.6, guidance_rescale=0.7, clip_skip=2, max_embeddings_multiples=3,
         network_multipliers=[0.8, 1.0], original_width=1024, original_height=1536, original_width_negative=512,
         original_height_negative=768, crop_top=0, crop_left=16, target_width=1024, target_height=1536,
+        crop_top_negative=8, crop_left_negative=0, target_width_negative=512, target_height_negative=768,
         highres_fix_scale=0.5, highres_fix_steps=20, highres_fix_strength=0.45, image_path="init.png",
         mask_path="mask.png", model="sd_xl_base_1.0.safetensors", vae="sdxl_vae.safetensors",
         networks=[("style:v2,final.safetensors", 0.8), ("detail.safetensors", -1.5e-05)], network_merge=True,
@@ -72,9 +73,12 @@ def test_text_chunks_are_visible_to_pil_with_kohya_keys_and_values(tmp_path):
     text = Image.open(path).text
     assert text["prompt"] == "日本語の猫, (masterpiece:1.2), [sketch]\nsecond line --not an option"
     assert {key: text[key] for key in ("seed", "steps", "scale", "sampler", "negative-scale", "original-width",
-                                       "original-height-negative", "crop-top", "crop-left")} == {
+                                       "original-height-negative", "crop-top", "crop-left", "crop-top-negative",
+                                       "crop-left-negative", "target-width-negative", "target-height-negative")} == {
         "seed": "123", "steps": "30", "scale": "7.5", "sampler": "euler_a", "negative-scale": "5.0",
-        "original-width": "1024", "original-height-negative": "768", "crop-top": "0", "crop-left": "16"}
+        "original-width": "1024", "original-height-negative": "768", "crop-top": "0", "crop-left": "16",
+        "crop-top-negative": "8", "crop-left-negative": "0", "target-width-negative": "512",
+        "target-height-negative": "768"}
     assert text["networks"] == "style:v2,final.safetensors:0.8,detail.safetensors:-1.5e-05"
     assert text["network-multipliers"] == "0.8,1.0"
     assert text["embeddings"] == "EasyNegative,bad-hands-5"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import types
 
 import pytest
@@ -53,6 +54,18 @@ def unet_inputs(bundle):
         inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled_dim, generator=generator),
                                        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
     return inputs
+
+
+def applied_lycoris(tiny_models, family, kwargs):
+    """(network, its private model copy): lycoris.kohya created through our adapter and applied to both parts."""
+    pytest.importorskip("lycoris.kohya")
+    module = network_module.import_network_module("lycoris.kohya")
+    bundle = fresh_copy(tiny_models, family)
+    network = network_module.create_network(module, multiplier=1.0, network_dim=4, network_alpha=1.0,
+                                            vae=bundle.vae, text_encoders=bundle.text_encoders, unet=bundle.unet,
+                                            kwargs=kwargs)
+    network.apply_to(encoder_argument(bundle), bundle.unet, True, True)
+    return network, bundle
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -151,6 +164,65 @@ def test_sdxl_two_text_encoder_lrs_go_to_te1_and_te2(tiny_models):
     assert {id(p) for p in groups[0]["params"]} == te1_params
 
 
+def up_params(loras):
+    return {id(module.lora_up.weight) for module in loras}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_loraplus_flags_make_plus_groups_at_the_multiplied_lr(tiny_models, family):
+    network = our_lora(tiny_models.bundle(family))
+    network_module.apply_loraplus_flags(network, "networks.lora", loraplus_lr_ratio=16,
+                                        loraplus_text_encoder_lr_ratio=4)
+    groups, descriptions = network_module.optimizer_param_groups(network, text_encoder_lrs=[1e-4], unet_lr=1e-3,
+                                                                 learning_rate=5e-4)
+    te_labels = ["textencoder"] if family == "sd1" else ["textencoder 1", "textencoder 2"]
+    assert descriptions == [f"{label}{plus}" for label in te_labels for plus in ("", " plus")] + ["unet", "unet plus"]
+    lrs = dict(zip(descriptions, (group["lr"] for group in groups)))
+    assert lrs[te_labels[0]] == 1e-4 and lrs[te_labels[0] + " plus"] == pytest.approx(4e-4)
+    assert lrs["unet"] == 1e-3 and lrs["unet plus"] == pytest.approx(1.6e-2)
+    unet_plus = {id(param) for param in groups[descriptions.index("unet plus")]["params"]}
+    assert unet_plus == up_params(network.unet_loras)
+    assert not unet_plus & {id(param) for param in groups[descriptions.index("unet")]["params"]}
+
+
+def test_loraplus_flag_wins_over_the_same_network_arg_and_keeps_the_others(tiny_models):
+    network = our_lora(tiny_models.bundle("sd1"), ["loraplus_unet_lr_ratio=8", "loraplus_lr_ratio=3"])
+    network_module.apply_loraplus_flags(network, "networks.lora", loraplus_lr_ratio=2)
+    groups, descriptions = network_module.optimizer_param_groups(network, text_encoder_lrs=None, unet_lr=None,
+                                                                 learning_rate=1e-3)
+    lrs = dict(zip(descriptions, (group["lr"] for group in groups)))
+    assert lrs == {"textencoder": 1e-3, "textencoder plus": pytest.approx(2e-3), "unet": 1e-3,
+                   "unet plus": pytest.approx(8e-3)}
+
+
+def test_no_loraplus_flags_leave_the_groups_alone(tiny_models):
+    network = our_lora(tiny_models.bundle("sd1"), ["loraplus_unet_lr_ratio=8"])
+    network_module.apply_loraplus_flags(network, "networks.lora")
+    _, descriptions = network_module.optimizer_param_groups(network, text_encoder_lrs=None, unet_lr=None,
+                                                            learning_rate=1e-3)
+    assert descriptions == ["textencoder", "unet", "unet plus"]
+
+
+def test_loraplus_flags_reach_lycoris(tiny_models):
+    network, _ = applied_lycoris(tiny_models, "sd1", {"preset": "attn-only"})
+    network_module.apply_loraplus_flags(network, "lycoris.kohya", loraplus_unet_lr_ratio=16)
+    groups, descriptions = network_module.optimizer_param_groups(network, text_encoder_lrs=None, unet_lr=1e-4,
+                                                                 learning_rate=1e-3)
+    assert descriptions == ["textencoder", "unet", "unet plus"]
+    assert [group["lr"] for group in groups] == [1e-3, 1e-4, pytest.approx(1.6e-3)]
+    assert {id(param) for param in groups[2]["params"]} == up_params(network.unet_loras)
+
+
+def test_loraplus_flags_on_a_network_without_loraplus_are_refused():
+    with pytest.raises(FlagError) as error:
+        network_module.apply_loraplus_flags(LegacyNetwork(), "my.network", loraplus_unet_lr_ratio=16)
+    assert str(error.value) == ("--loraplus_unet_lr_ratio: the network of --network_module my.network "
+                                "(LegacyNetwork) has no LoRA+ support (no set_loraplus_lr_ratio); use networks.lora, "
+                                "networks.dylora or lycoris.kohya, or leave the LoRA+ flags out")
+    with pytest.raises(FlagError, match=r"^--loraplus_lr_ratio: expected a ratio > 0 .* got 0$"):
+        network_module.apply_loraplus_flags(LegacyNetwork(), "my.network", loraplus_lr_ratio=0)
+
+
 class LegacyNetwork(torch.nn.Module):
     """A network with kohya's old 2-argument prepare_optimizer_params that returns a bare list."""
 
@@ -179,30 +251,8 @@ def test_legacy_signature_and_bare_list_get_default_lr_and_names():
 # ----------------------------------------------------------------------------------------------- LyCORIS
 
 
-@pytest.mark.parametrize("family, network_args", [
-    ("sd1", ["algo=locon", "conv_dim=4", "conv_alpha=1"]),
-    ("sd1", ["algo=loha"]),
-    ("sdxl", ["algo=locon", "conv_dim=4", "conv_alpha=1"]),
-])
-def test_lycoris_trains_and_round_trips_without_a_preset(tiny_models, tmp_path, caplog, family, network_args):
-    lycoris = pytest.importorskip("lycoris.kohya")
-    module = network_module.import_network_module("lycoris.kohya")
-    lycoris.LycorisNetworkKohya.apply_preset(lycoris.PRESET["full"])  # the default that fails on diffusers U-Nets
-    bundle = fresh_copy(tiny_models, family)
-    output_dir = tmp_path / "out"
-    output_dir.mkdir()
-    with caplog.at_level(logging.INFO, logger=network_module.__name__):
-        network = network_module.create_network(
-            module, multiplier=1.0, network_dim=4, network_alpha=1.0, vae=bundle.vae,
-            text_encoders=bundle.text_encoders, unet=bundle.unet,
-            kwargs=network_module.network_kwargs(network_args, None), output_dir=output_dir)
-    assert "using the old 'full' preset" in caplog.text
-    assert list(output_dir.iterdir()) == []  # the preset toml was temporary
-    assert network.unet_loras and network.text_encoder_loras
-    network.apply_to(encoder_argument(bundle), bundle.unet, True, True)
-    groups, descriptions = network_module.optimizer_param_groups(network, text_encoder_lrs=[1e-3, 2e-3],
-                                                                 unet_lr=1e-3, learning_rate=5e-4)
-    assert descriptions == ["textencoder", "unet"] and [group["lr"] for group in groups] == [1e-3, 1e-3]
+def one_training_step(network, bundle, groups):
+    """One AdamW step on a dummy loss; returns the network's state dict before it."""
     before = {key: tensor.clone() for key, tensor in network.state_dict().items()}
     optimizer = torch.optim.AdamW(groups)
     network.prepare_grad_etc(encoder_argument(bundle), bundle.unet)
@@ -210,6 +260,32 @@ def test_lycoris_trains_and_round_trips_without_a_preset(tiny_models, tmp_path, 
     prediction = bundle.unet(**unet_inputs(bundle)).sample
     torch.nn.functional.mse_loss(prediction, torch.ones_like(prediction)).backward()
     optimizer.step()
+    return before
+
+
+@pytest.mark.parametrize("family, network_args", [
+    ("sd1", ["algo=locon", "conv_dim=4", "conv_alpha=1"]),
+    ("sd1", ["algo=loha"]),
+    ("sdxl", ["algo=locon", "conv_dim=4", "conv_alpha=1"]),
+])
+def test_lycoris_trains_and_round_trips_without_a_preset(tiny_models, tmp_path, family, network_args):
+    lycoris = pytest.importorskip("lycoris.kohya")
+    module = network_module.import_network_module("lycoris.kohya")
+    lycoris.LycorisNetworkKohya.apply_preset(lycoris.PRESET["full"])  # the default, which LyCORIS refuses as is
+    bundle = fresh_copy(tiny_models, family)
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    network = network_module.create_network(
+        module, multiplier=1.0, network_dim=4, network_alpha=1.0, vae=bundle.vae,
+        text_encoders=bundle.text_encoders, unet=bundle.unet,
+        kwargs=network_module.network_kwargs(network_args, None), output_dir=output_dir)
+    assert list(output_dir.iterdir()) == []  # the preset toml was temporary
+    assert network.unet_loras and network.text_encoder_loras
+    network.apply_to(encoder_argument(bundle), bundle.unet, True, True)
+    groups, descriptions = network_module.optimizer_param_groups(network, text_encoder_lrs=[1e-3, 2e-3],
+                                                                 unet_lr=1e-3, learning_rate=5e-4)
+    assert descriptions == ["textencoder", "unet"] and [group["lr"] for group in groups] == [1e-3, 1e-3]
+    before = one_training_step(network, bundle, groups)
     after = network.state_dict()
     assert any(not torch.equal(after[key], before[key]) for key in after if "unet" in key)
 
@@ -226,18 +302,113 @@ def test_lycoris_trains_and_round_trips_without_a_preset(tiny_models, tmp_path, 
     assert all(torch.equal(rebuilt_tensors[key], file_tensors[key]) for key in file_tensors)
 
 
-def test_lycoris_preset_errors_name_the_preset(tiny_models):
+GUI_PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-transformer-only", "unet-convblock-only")
+SGM_UNET_STEMS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+
+
+def kohya_lora_names(bundle, network_args):
+    """The U-Net and text-encoder names our networks.lora gives (kohya's names, COMPAT §1.5)."""
+    network = our_lora(bundle, network_args)
+    return ({m.lora_name for m in network.unet_loras}, {m.lora_name for m in network.text_encoder_loras})
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("preset", GUI_PRESETS)
+def test_every_gui_preset_trains_with_kohya_names_and_loads_in_the_generator(tiny_models, tmp_path, family, preset):
+    from library.generation.networks import NetworkSpec, load_networks
+
+    # what the kohya_ss GUI writes for a LyCORIS/LoCon run
+    network, bundle = applied_lycoris(tiny_models, family, network_module.network_kwargs(
+        [f"preset={preset}", "algo=locon", "conv_dim=4", "conv_alpha=1"], None))
+    groups, _ = network_module.optimizer_param_groups(network, text_encoder_lrs=None, unet_lr=None,
+                                                      learning_rate=1e-2)
+    before = one_training_step(network, bundle, groups)
+    assert any(not torch.equal(tensor, before[key]) for key, tensor in network.state_dict().items())
+    path = tmp_path / f"{preset}.safetensors"
+    network.save_weights(str(path), None, {})
+
+    names = [part.lora_name for part in network.text_encoder_loras + network.unet_loras]
+    assert len(names) == len(set(names)) and network.unet_loras
+    unet_names = {name for name in names if name.startswith("lora_unet_")}
+    text_names = set(names) - unet_names
+    file_names = {key.split(".")[0] for key in load_file(path)}
+    assert file_names == set(names)
+    kohya_unet, kohya_text = kohya_lora_names(bundle, ["conv_dim=4"])
+    # the layers kohya's U-Net has under the preset's classes, by kohya's names; SD1 adds kohya's conv_in,
+    # conv_out and time_embedding, which SDXL's SGM U-Net does not have under those names
+    extra = {"lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1",
+             "lora_unet_time_embedding_linear_2"} if family == "sd1" else set()
+    assert unet_names <= kohya_unet | extra
+    assert text_names <= kohya_text
+    if family == "sdxl":
+        assert all(name.startswith(SGM_UNET_STEMS) for name in unet_names)
+        assert all(name.startswith(("lora_te1_text_model_", "lora_te2_text_model_")) for name in text_names)
+    else:
+        assert all(name.startswith("lora_te_text_model_") for name in text_names)
+    if preset == "full":  # every U-Net layer kohya's LoRA with conv_dim wraps, by the same names
+        assert unet_names == kohya_unet | extra and text_names == kohya_text
+
+    # the generator's loader puts every tensor of the file back (and, checked once, changes the U-Net's output)
+    target = fresh_copy(tiny_models, family)
+    baseline = target.unet(**unet_inputs(target)).sample if preset == "full" else None
+    applied = load_networks([NetworkSpec("lycoris.kohya", path, 1.0)], family=target.family,
+                            text_encoders=target.text_encoders, vae=target.vae, unet=target.unet, merge=False,
+                            device=torch.device("cpu"), dtype=torch.float32)
+    loaded = applied.networks[0].state_dict()
+    file_tensors = load_file(path)
+    assert set(loaded) == set(file_tensors)
+    assert all(torch.equal(loaded[key], file_tensors[key]) for key in file_tensors)
+    if baseline is not None:
+        assert not torch.allclose(target.unet(**unet_inputs(target)).sample, baseline)
+
+
+def test_lycoris_file_with_our_old_diffusers_names_loads_under_kohya_names(tiny_models, tmp_path):
+    network, bundle = applied_lycoris(tiny_models, "sdxl", {"preset": "attn-mlp"})
+    module = network_module.import_network_module("lycoris.kohya")
+    kohya_file = tmp_path / "kohya.safetensors"
+    network.save_weights(str(kohya_file), None, {})
+    kohya_tensors = load_file(kohya_file)
+    # the names earlier versions wrote: diffusers U-Net paths, CLIP paths without text_model_
+    old_names = {new: old for old, new in network_module.lycoris_presets.name_aliases(bundle.text_encoders,
+                                                                                      bundle.unet).items()}
+    old_tensors = {f"{old_names.get(k.split('.')[0], k.split('.')[0])}.{k.split('.', 1)[1]}": v
+                   for k, v in kohya_tensors.items()}
+    assert any(key.startswith("lora_unet_down_blocks_") for key in old_tensors)
+    old_file = tmp_path / "old.safetensors"
+    save_file(old_tensors, old_file)
+    rebuilt, weights = network_module.create_network_from_weights(module, 1.0, old_file, bundle.vae,
+                                                                  bundle.text_encoders, bundle.unet)
+    assert set(weights) == set(kohya_tensors)
+    assert {m.lora_name for m in rebuilt.unet_loras + rebuilt.text_encoder_loras} == {
+        key.split(".")[0] for key in kohya_tensors}
+
+
+def test_lycoris_preset_errors_name_the_preset(tiny_models, tmp_path):
     pytest.importorskip("lycoris.kohya")
     module = network_module.import_network_module("lycoris.kohya")
     bundle = fresh_copy(tiny_models, "sd1")
     create = {"multiplier": 1.0, "network_dim": 4, "network_alpha": 1.0, "vae": bundle.vae,
               "text_encoders": bundle.text_encoders, "unet": bundle.unet}
-    with pytest.raises(FlagError, match=r"^--network_args preset=full: duplicated lora name: "
-                                        r"lora_unet_time_embedding_linear_1; .*Leave preset out"):
-        network_module.create_network(module, kwargs={"preset": "full"}, **create)
+    twice = tmp_path / "twice.toml"  # kohya's CrossAttention sits inside Transformer2DModel: every layer twice
+    twice.write_text('unet_target_module = ["Transformer2DModel", "CrossAttention"]\n', encoding="utf-8")
+    with pytest.raises(FlagError, match=rf"^--network_args preset={re.escape(str(twice))}: duplicated lora name: "
+                                        r"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q; "
+                                        r"this LyCORIS preset targets one layer twice"):
+        network_module.create_network(module, kwargs={"preset": str(twice)}, **create)
     with pytest.raises(FlagError, match=r"^--network_args preset=fulll: expected a LyCORIS preset name .* or a "
                                         r"preset \.toml file, got neither; did you mean full\?$"):
         network_module.create_network(module, kwargs={"preset": "fulll"}, **create)
+
+
+def test_full_preset_loses_only_the_names_its_classes_cover(tiny_models):
+    lycoris = pytest.importorskip("lycoris.kohya")
+    before = copy.deepcopy(lycoris.PRESET)
+    from library.train import lycoris_presets
+
+    view = lycoris_presets.kohya_unet_view(tiny_models.bundle("sd1").unet)
+    preset = lycoris_presets.preset_for_unet(lycoris, "full", view)
+    assert "time_embedding.linear_1" not in preset["unet_target_name"] and "conv_in" in preset["unet_target_name"]
+    assert lycoris.PRESET == before
 
 
 # ----------------------------------------------------------------------------------------------- family check

@@ -47,7 +47,10 @@ def test_every_known_name_takes_a_step_or_names_its_package(spec):
     class_path, _, optimizer = get_optimizer(spec.name, [parameter], 1e-2, arguments)
     before = parameter.detach().clone()
     parameter.grad = torch.ones_like(parameter)
-    optimizer.step()
+    # RAdam's variance rectification makes its first steps plain SGD, which RAdamScheduleFree skips
+    # (silent_sgd_phase): step until the rectified phase
+    for _ in range(6 if spec.name == "RAdamScheduleFree" else 1):
+        optimizer.step()
     assert class_path.endswith("." + spec.class_name)
     assert not torch.equal(parameter.detach(), before), "one step with a gradient must move the weights"
     if spec.name in EIGHT_BIT_NAMES:

@@ -35,13 +35,13 @@ def _draws(seed: int, count: int) -> list[int]:
 def test_every_option_is_parsed():
     line = ("a cat, (red hat:1.2) --n blurry, lowres --w 832 --h 1216 --s 2000 --d 1,2, 3 --l 5.5 --nl 2 --t 0.6 "
             "--am 1,-0.5 --ow 2048 --oh 1024 --nw 512 --nh 256 --ct 16 --cl 8 --tw 1024 --th 768 --ss K_Euler_A "
-            "--gr 0.7 --f cat_%d --c a photo of a cat")
+            "--gr 0.7 --f cat_%d")
     assert parse_generation_line(line, "p.txt:1") == PromptOptions(
         prompt="a cat, (red hat:1.2)", negative_prompt="blurry, lowres", width=832, height=1216, steps=1000,
         seeds=[1, 2, 3], scale=5.5, negative_scale=2.0, strength=0.6, network_multipliers=[1.0, -0.5],
         original_width=2048, original_height=1024, original_width_negative=512, original_height_negative=256,
         crop_top=16, crop_left=8, target_width=1024, target_height=768, sampler="k_euler_a", guidance_rescale=0.7,
-        file_name="cat_%d", clip_prompt="a photo of a cat", source="p.txt:1")
+        file_name="cat_%d", source="p.txt:1")
 
 
 def test_a_line_without_options_leaves_everything_to_the_command_line():
@@ -51,7 +51,7 @@ def test_a_line_without_options_leaves_everything_to_the_command_line():
 @pytest.mark.parametrize("line, expected", [
     ("x --W 512 --H 64 --S 0 --D 7 --AM 0.5 --SS Euler --NL None", {
         "width": 512, "height": 64, "steps": 1, "seeds": [7], "network_multipliers": [0.5], "sampler": "euler",
-        "negative_scale": None}),
+        "negative_scale": None, "negative_scale_off": True}),
     ("x --Ow 640 --CT 0 --T 1", {"original_width": 640, "crop_top": 0, "strength": 1.0}),
 ])
 def test_option_names_are_case_insensitive(line, expected):
@@ -82,6 +82,20 @@ def test_a_bad_value_names_the_line_the_option_and_the_expectation(line, message
     with pytest.raises(ConfigError) as error:
         parse_generation_line(line, "p.txt:3")
     assert str(error.value) == message
+
+
+def test_clip_guidance_prompt_is_refused_naming_the_line():
+    with pytest.raises(ConfigError) as error:
+        parse_generation_line("a cat --c a photo of a cat --d 1", "prompts.txt:2")
+    assert str(error.value) == ("prompts.txt:2: --c: expected a supported prompt option; CLIP guidance is not "
+                                "supported (kohya's --c prompt guides with a separate CLIP model, which this tool "
+                                "does not load); remove --c")
+
+
+def test_negative_scale_none_turns_it_off_and_a_number_sets_it():
+    assert parse_generation_line("a --nl none", "p").negative_scale_off
+    options = parse_generation_line("a --nl 1.5", "p")
+    assert (options.negative_scale, options.negative_scale_off) == (1.5, False)
 
 
 def test_an_unknown_option_is_an_error_with_the_nearest_option():

@@ -192,3 +192,33 @@ def test_help(tool, flag, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert flag in text and "--sd_model" in text and "APPROXIMATION" in text
+
+
+def _float_dtypes(path) -> set[torch.dtype]:
+    return {tensor.dtype for tensor in read_state_dict(path).values() if tensor.is_floating_point()}
+
+
+@pytest.mark.parametrize("precision_flags, expected", [
+    ([], torch.float32),  # kohya: --save_precision defaults to --precision, whose default is float
+    (["--precision", "fp16"], torch.float16),
+    (["--save_precision", "bf16"], torch.bfloat16),
+    (["--precision", "bf16", "--save_precision", "fp16"], torch.float16),
+])
+def test_save_precision_is_the_dtype_of_the_saved_lora_and_checkpoint(tiny_models, tmp_path, precision_flags,
+                                                                      expected):
+    lora_path = save_lora(tiny_models, tmp_path / "a.safetensors", conv=False)
+    merged_lora = tmp_path / "merged-lora.safetensors"
+    merge_lora.main(["--models", str(lora_path), "--save_to", str(merged_lora), *precision_flags])
+    checkpoint = tmp_path / "merged-model.safetensors"
+    merge_lora.main(["--sd_model", str(tiny_models.path("sd1")), "--models", str(lora_path), "--save_to",
+                     str(checkpoint), *precision_flags])
+    assert _float_dtypes(merged_lora) == {expected}
+    assert _float_dtypes(checkpoint) == {expected}
+
+
+def test_save_precision_help_says_what_it_sets_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        merge_lora.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("dtype of the floating-point tensors in the saved file (merged LoRA or checkpoint): float (float32), "
+            "fp16 or bf16; default: the --precision dtype, as in kohya") in text

@@ -218,6 +218,123 @@ def test_sdxl_generator_with_size_conditioning_highres_fix_and_long_prompts(tiny
     assert text["original-width-negative"] == "512"
 
 
+def _guided_prediction_before_negative_scale(unet, scheduler, latents, timestep, conds, guidance_scale, dtype,
+                                             guidance_rescale=0.0):
+    """The pipeline's guidance step as it was before --nl existed, to prove the default path unchanged."""
+    from library.sampling.pipeline import rescale_guidance
+
+    model_input = torch.cat([latents, latents]) if conds.guided else latents
+    model_input = scheduler.scale_model_input(model_input, timestep)
+    prediction = unet(model_input.to(dtype), timestep, encoder_hidden_states=conds.hidden_states,
+                      added_cond_kwargs=conds.added_cond_kwargs).sample.float()
+    if not conds.guided:
+        return prediction
+    negative, positive = prediction.chunk(2)
+    return rescale_guidance(negative + guidance_scale * (positive - negative), positive, guidance_rescale)
+
+
+def test_without_negative_scale_images_are_bit_identical_to_plain_guidance(sd1_model, tmp_path, monkeypatch):
+    now = generate(sd1_model, tmp_path / "now", "--prompt", "a cat --n blurry --d 3", "--guidance_rescale", "0.5")[0]
+    monkeypatch.setattr("library.sampling.pipeline.guided_prediction", _guided_prediction_before_negative_scale)
+    before = generate(sd1_model, tmp_path / "before", "--prompt", "a cat --n blurry --d 3",
+                      "--guidance_rescale", "0.5")[0]
+    assert np.array_equal(pixels(now), pixels(before))
+    with Image.open(now) as image:
+        assert "negative-scale" not in image.text
+
+
+def test_negative_scale_guides_from_the_empty_prompt_and_regenerates_from_the_png(sd1_model, tmp_path):
+    def make(name: str, prompt: str, *extra: str) -> Path:
+        return generate(sd1_model, tmp_path / name, "--prompt", prompt, *extra)[0]
+
+    plain = make("plain", "a cat --n blurry --d 3")
+    no_negative = make("no_negative", "a cat --d 3")
+    zero = make("zero", "a cat --n blurry --d 3 --nl 0")
+    strong = make("strong", "a cat --n blurry --d 3 --nl 4")
+    from_flag = make("flag", "a cat --n blurry --d 3", "--negative_scale", "4")
+    turned_off = make("off", "a cat --n blurry --d 3 --nl none", "--negative_scale", "2")
+    # uncond + scale·(prompt − uncond) − 0·(negative − uncond), uncond = the empty prompt: the negative drops out
+    assert np.abs(pixels(zero) - pixels(no_negative)).max() <= 2
+    assert np.abs(pixels(zero) - pixels(plain)).max() > 10
+    assert np.abs(pixels(strong) - pixels(zero)).max() > 2  # beyond batch rounding
+    assert np.array_equal(pixels(from_flag), pixels(strong))
+    assert np.array_equal(pixels(turned_off), pixels(plain))
+    with Image.open(strong) as image:
+        assert image.text["negative-scale"] == "4.0"
+    with Image.open(turned_off) as image:
+        assert "negative-scale" not in image.text
+    # the PNG decides: its negative scale is used, and none stays none despite --negative_scale
+    again = gen_img.main(["--ckpt", str(sd1_model), "--outdir", str(tmp_path / "again"), "--from_png", str(strong),
+                          str(plain), "--negative_scale", "5"])
+    assert np.array_equal(pixels(again[0]), pixels(strong)) and np.array_equal(pixels(again[1]), pixels(plain))
+
+
+def test_negative_scale_without_guidance_is_ignored_with_a_warning(sd1_model, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="library.generation.run"):
+        made = generate(sd1_model, tmp_path / "a", "--prompt", "a cat --d 3 --nl 2 --l 1")[0]
+    plain = generate(sd1_model, tmp_path / "b", "--prompt", "a cat --d 3 --l 1")[0]
+    assert np.array_equal(pixels(made), pixels(plain))
+    assert "--prompt: --nl/--negative_scale 2.0 needs a CFG scale above 1 (got 1.0); ignored" in caplog.text
+    with Image.open(made) as image:
+        assert "negative-scale" not in image.text
+
+
+def test_sdxl_negative_crop_and_target_are_stored_and_regenerate_the_image(tiny_models, tmp_path):
+    model = tiny_models.path("sdxl")
+    prompt = ["--prompt", "a cat --n blurry --d 5"]
+    plain = generate(model, tmp_path / "plain", *prompt, script=sdxl_gen_img)[0]
+    made = generate(model, tmp_path / "made", *prompt, "--crop_top_negative", "48", "--crop_left_negative", "16",
+                    "--target_width_negative", "512", "--target_height_negative", "256", script=sdxl_gen_img)[0]
+    assert np.abs(pixels(made) - pixels(plain)).max() > 0
+    with Image.open(made) as image:
+        text = dict(image.text)
+    assert (text["crop-top-negative"], text["crop-left-negative"], text["target-width-negative"],
+            text["target-height-negative"]) == ("48", "16", "512", "256")
+    assert (text["crop-top"], text["target-width"]) == ("0", "64")
+    again = sdxl_gen_img.main(["--ckpt", str(model), "--outdir", str(tmp_path / "again"), "--from_png", str(made)])
+    assert np.array_equal(pixels(again[0]), pixels(made))
+
+
+def _record_prediction_types(monkeypatch) -> list[str]:
+    import library.sampling.pipeline as pipeline
+
+    seen: list[str] = []
+    make_sampler = pipeline.make_sampler
+
+    def recording(*args, **kwargs):
+        scheduler = make_sampler(*args, **kwargs)
+        seen.append(scheduler.config.prediction_type)
+        return scheduler
+
+    monkeypatch.setattr(pipeline, "make_sampler", recording)
+    return seen
+
+
+def test_sdxl_v_parameterization_samples_with_v_prediction(tiny_models, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from library.families import with_v_parameterization
+    from library.models.save import save_model
+
+    seen = _record_prediction_types(monkeypatch)
+    model = tiny_models.path("sdxl")
+    prompt = ["--prompt", "a cat --n blurry --d 2"]
+    epsilon = generate(model, tmp_path / "eps", *prompt, script=sdxl_gen_img)[0]
+    flagged = generate(model, tmp_path / "flag", *prompt, "--v_parameterization", script=sdxl_gen_img)[0]
+    assert seen == ["epsilon", "v_prediction"]
+    assert np.abs(pixels(flagged) - pixels(epsilon)).max() > 10
+    with Image.open(flagged) as image:
+        assert image.text["v-parameterization"] == "true"
+    bundle = tiny_models.bundle("sdxl")
+    v_bundle = replace(bundle, family=with_v_parameterization(bundle.family, True))
+    v_file = save_model(v_bundle, tmp_path / "v-pred.safetensors")  # records modelspec.prediction_type = v
+    from_file = generate(v_file, tmp_path / "from_file", *prompt, script=sdxl_gen_img)[0]
+    v_folder = save_model(v_bundle, tmp_path / "v-pred-diffusers")
+    generate(v_folder, tmp_path / "folder", *prompt, "--v_parameterization", script=sdxl_gen_img)
+    assert seen[2:] == ["v_prediction", "v_prediction"]
+    assert np.array_equal(pixels(from_file), pixels(flagged))
+
+
 def test_interactive_prompts_from_the_console(sd1_model, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("a cat --d 1\na dog --w 60\na bird --d 2\n\n"))
     paths = gen_img.main(["--ckpt", str(sd1_model), "--outdir", str(tmp_path), *FAST, "--interactive"])
@@ -264,6 +381,8 @@ def test_sdxl_embedding_on_sd1_is_refused(sd1_model, tmp_path, capsys):
     (["--prompt", "x", "--fp16", "--bf16"], "--fp16 and --bf16"),
     ([], "no prompts"),
     (["--prompt", "x --am 1,2"], "--am"),
+    (["--prompt", "x --c a photo of x"], "--prompt: --c: expected a supported prompt option; CLIP guidance is not "
+                                         "supported"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2_before_the_model_loads(sd1_model, tmp_path, capsys, monkeypatch,
                                                                        argv, expected):
