@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from library.data.group import DatasetGroup, build_dataset_group
 from library.data.lint import lint_dataset, raise_if_fatal
 from library.dataset_config import DatasetGroupBlueprint, build_blueprint
+from library.errors import FlagError
 from library.families import ModelFamily
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,14 @@ def process_info() -> ProcessInfo:
 
 def blueprint_from_args(args: argparse.Namespace, family: ModelFamily | None = None,
                         supports_controlnet: bool | None = None) -> DatasetGroupBlueprint:
-    """The blueprint of the dataset flags; ControlNet-style datasets (masks) only with --masked_loss by default."""
+    """The blueprint of the dataset flags; ControlNet-style datasets (masks) only with --masked_loss by default.
+
+    Raises:
+        FlagError: --dataset_class (kohya's arbitrary dataset classes build on kohya's own dataset internals).
+    """
+    if getattr(args, "dataset_class", None):
+        raise FlagError(f"--dataset_class {args.dataset_class}: arbitrary dataset classes are not supported (kohya's "
+                        "are built on its own dataset internals); describe the data with --dataset_config")
     blueprint = build_blueprint(args, getattr(args, "dataset_config", None), supports_controlnet=supports_controlnet)
     if family is not None:
         for number, dataset in enumerate(blueprint.datasets):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from library.data.images import is_image_file
 from library.errors import FlagError, UserInputError
-from library.families import ModelFamily, with_v_parameterization
+from library.families import ModelFamily
 from library.generation import image_output, prompt_options
 from library.generation.networks import AppliedNetworks, NetworkSpec, load_networks, network_specs
 from library.generation.prompt_options import PromptOptions, SeedSource
@@ -123,8 +123,7 @@ def load_session(args: argparse.Namespace, specs: list[NetworkSpec], expected_fa
     dtype = model_dtype(args)
     bundle = load_target_model(args.ckpt, v2=args.v2, v_parameterization=args.v_parameterization,
                                vae_path=args.vae, dtype=dtype, expected_families=expected_families)
-    # the flag wins over what the loader detected (it reads every SDXL diffusers folder as epsilon)
-    family = with_v_parameterization(bundle.family, True) if args.v_parameterization else bundle.family
+    family = bundle.family  # v-prediction from --v_parameterization or the model's own scheduler/metadata
     _warn_unused_flags(args, family)
     tokenizers = load_tokenizers(family, args.tokenizer_cache_dir)
     embeddings = [textual_inversion.load_embedding(file, family, [encoder.config.hidden_size

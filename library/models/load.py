@@ -372,19 +372,20 @@ def load_diffusers_folder(path: Path, v_parameterization: bool = False, dtype: t
 
 
 def _family_of_diffusers_folder(path: Path, v_parameterization: bool) -> ModelFamily:
+    """The family of a pipeline folder; v-prediction from the flag or the scheduler's prediction_type."""
     unet_config = json.loads((path / "unet" / "config.json").read_text())
-    if unet_config.get("addition_embed_type") == "text_time":
-        if not (path / "text_encoder_2" / "config.json").exists():
-            raise ModelFormatError(path, "SDXL UNet but no text_encoder_2/; a full SDXL base pipeline folder is expected")
-        return SDXL
-    te_config_path = path / "text_encoder" / "config.json"
-    if not te_config_path.exists():
-        raise ModelFormatError(path, "no text_encoder/config.json; a full pipeline folder is expected")
-    te_config = json.loads(te_config_path.read_text())
     scheduler_config_path = path / "scheduler" / "scheduler_config.json"
     if scheduler_config_path.exists():
         scheduler_config = json.loads(scheduler_config_path.read_text())
         v_parameterization = v_parameterization or scheduler_config.get("prediction_type") == "v_prediction"
+    if unet_config.get("addition_embed_type") == "text_time":
+        if not (path / "text_encoder_2" / "config.json").exists():
+            raise ModelFormatError(path, "SDXL UNet but no text_encoder_2/; a full SDXL base pipeline folder is expected")
+        return with_v_parameterization(SDXL, v_parameterization)
+    te_config_path = path / "text_encoder" / "config.json"
+    if not te_config_path.exists():
+        raise ModelFormatError(path, "no text_encoder/config.json; a full pipeline folder is expected")
+    te_config = json.loads(te_config_path.read_text())
     if te_config.get("hidden_act") == "gelu":  # OpenCLIP-H (SD2); CLIP-L (SD1) uses quick_gelu
         return sd2_family(v_parameterization)
     return with_v_parameterization(SD1, v_parameterization)

@@ -65,6 +65,10 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
                             "the training images (only for scripts that support it)")
     group.add_argument("--lint_dataset", action="store_true",
                        help="scan the dataset, report every problem, and exit")
+    group.add_argument("--dataset_class", type=str, default=None,
+                       help="kohya's package.module.Class for an arbitrary dataset class; not supported here (its "
+                            "classes are built on kohya's dataset internals): refused with a message. Describe the "
+                            "data with --dataset_config instead")
     group.add_argument("--skip_dataset_lint", action="store_true",
                        help="do not scan images before training (a corrupt image then fails mid-run)")
 
@@ -148,6 +152,10 @@ def _add_loading_arguments(parser: argparse.ArgumentParser) -> None:
                        help="data-loader worker processes (at most the CPU count; 0 loads in the main process)")
     group.add_argument("--persistent_data_loader_workers", action="store_true",
                        help="keep the data-loader workers alive between epochs (faster epoch start, more memory)")
+    group.add_argument("--cache_info", action="store_true",
+                       help="keep image sizes and captions of DreamBooth subsets in <image_dir>/metadata_cache.json "
+                            "and read them from there next time (config key cache_info; faster start on big "
+                            "datasets; delete the file after changing images or captions)")
     group.add_argument("--cache_latents", action="store_true",
                        help="encode every image with the VAE once before training and keep the latents in memory")
     group.add_argument("--cache_latents_to_disk", action="store_true",

@@ -124,13 +124,19 @@ def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mem_eff_attn", action="store_true",
                        help="kohya's memory-efficient attention; served by PyTorch SDPA here")
     group.add_argument("--lowram", action="store_true",
-                       help="accepted for kohya compatibility: models are already read tensor by tensor, so system "
+                       help="no effect here (warned at start): models are already read tensor by tensor, so system "
                             "RAM never holds two copies")
-    group.add_argument("--highvram", action="store_true", help="accepted for kohya compatibility")
+    group.add_argument("--highvram", action="store_true",
+                       help="keep the VAE and frozen text encoders on the GPU after caching latents/text-encoder "
+                            "outputs instead of moving them to system RAM (faster sampling, more VRAM)")
     group.add_argument("--ddp_timeout", type=int, default=None,
                        help="minutes before a distributed collective times out")
-    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="accepted for kohya compatibility")
-    group.add_argument("--ddp_static_graph", action="store_true", help="accepted for kohya compatibility")
+    group.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
+                       help="no effect here (warned at start): the network is not wrapped in DDP; its gradients are "
+                            "averaged once per step")
+    group.add_argument("--ddp_static_graph", action="store_true",
+                       help="no effect here (warned at start): the network is not wrapped in DDP; its gradients are "
+                            "averaged once per step")
     group.add_argument("--max_validation_steps", type=positive_int, default=None,
                        help="validation batches per validation run (default: all)")
     group.add_argument("--validate_every_n_steps", type=positive_int, default=None,

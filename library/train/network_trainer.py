@@ -171,9 +171,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
         from library.options.training import weight_dtype
 
         run_setup.check_output_flags(args)
-        if args.lowram:
-            logger.warning("--lowram has no effect here: models are read tensor by tensor, so system RAM never "
-                           "holds a second copy")
+        run_setup.warn_inert_flags(args)
         run_setup.check_precision_flags(args)
         check_noise_and_loss_flags(args)
         check_metadata_arguments(args)

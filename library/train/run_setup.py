@@ -114,6 +114,23 @@ def check_output_flags(args: argparse.Namespace) -> None:
         raise FlagError(f"--sample_prompts {args.sample_prompts}: no such file")
 
 
+# kohya flags that have nothing to change here, with why; each is warned once at start when given
+INERT_TRAINING_FLAGS = {
+    "lowram": "models are read tensor by tensor, so system RAM never holds a second copy",
+    "ddp_gradient_as_bucket_view": "the network is not wrapped in DistributedDataParallel (its gradients are "
+                                   "averaged once per step by all_reduce_network)",
+    "ddp_static_graph": "the network is not wrapped in DistributedDataParallel (its gradients are averaged once "
+                        "per step by all_reduce_network)",
+}
+
+
+def warn_inert_flags(args: argparse.Namespace) -> None:
+    """One warning per kohya flag given that has no effect in this trainer (INERT_TRAINING_FLAGS)."""
+    for flag, reason in INERT_TRAINING_FLAGS.items():
+        if getattr(args, flag, False):
+            logger.warning("--%s has no effect here: %s", flag, reason)
+
+
 def make_accelerator(args: argparse.Namespace):
     """accelerate's Accelerator for the flags: mixed precision, trackers, DDP timeout, DeepSpeed plugin."""
     from accelerate import Accelerator

@@ -308,6 +308,24 @@ def test_cache_info_writes_kohya_metadata_cache_and_reuses_it(tmp_path):
     assert (again.images[0].caption, again.images[0].image_size) == ("a red boot", (64, 48))
 
 
+
+def test_cache_info_flag_reaches_the_folder_subsets(tmp_path):
+    folder = tmp_path / "train" / "2_boot"
+    write_image(folder / "img0.png", (64, 48))
+    (folder / "img0.caption").write_text("a red boot", encoding="utf-8")
+    _flag_group("--train_data_dir", str(tmp_path / "train"), "--resolution", "64", "--cache_info")
+    cache = json.loads((folder / "metadata_cache.json").read_text(encoding="utf-8"))
+    assert cache == {str(folder / "img0.png"): {"caption": "a red boot", "resolution": [64, 48]}}
+
+
+def test_dataset_class_is_refused_with_one_line(tmp_path):
+    from library.data.prepare import blueprint_from_args
+    from library.errors import FlagError
+
+    args = parse_args("--train_data_dir", str(tmp_path), "--resolution", "64", "--dataset_class", "my.Dataset")
+    with pytest.raises(FlagError, match="--dataset_class my.Dataset: arbitrary dataset classes are not supported"):
+        blueprint_from_args(args, SD1)
+
 # ---- fine-tuning metadata (COMPAT §9.6) ------------------------------------------------------------------------
 
 def test_finetune_metadata_with_stem_and_absolute_keys(tmp_path):

@@ -176,3 +176,38 @@ def test_resume_from_huggingface_skips_the_local_folder_check(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="library.train.hub"):
         run_setup.check_output_flags(args)
     assert "--async_upload has no effect without --huggingface_repo_id; ignored" in caplog.text
+
+
+def test_a_training_run_uploads_its_saves_and_resumes_from_the_hub(fake_hub, tiny_models, tmp_path):
+    """The trainer calls the Hub: each step save and its state (async), the final file (synchronously) and the
+    final state; a second run resumes from the uploaded state folder, downloaded through the Hub."""
+    from safetensors import safe_open
+
+    from tests.scripts.test_train_network import base_argv, dataset_toml, run_sd
+
+    out = tmp_path / "out"
+    hub_flags = ("--huggingface_repo_id", "me/lora", "--huggingface_path_in_repo", "runs",
+                 "--save_state_to_huggingface", "--async_upload")
+    run_sd(base_argv(tiny_models.path("sd1"), dataset_toml(tmp_path, batch_size=1), out, "--max_train_steps", "2",
+                     "--save_every_n_steps", "1", "--save_state", *hub_flags))
+    uploads = [(call[0], call[3], call[-1].startswith("hub-upload")) for call in fake_hub.calls
+               if call[0].startswith("upload")]
+    assert uploads == [("upload_file", "runs/lora-step00000001.safetensors", True),
+                       ("upload_folder", "runs/lora-step00000001-state", True),
+                       ("upload_file", "runs/lora-step00000002.safetensors", True),
+                       ("upload_folder", "runs/lora-step00000002-state", True),
+                       ("upload_file", "runs/lora.safetensors", False),
+                       ("upload_folder", "runs/lora-state", True)]
+    assert fake_hub.calls[0] == ("create_repo", "me/lora", None, True, None)
+    assert next(call[4] for call in fake_hub.calls if call[3] == "runs/lora.safetensors") == \
+        (out / "lora.safetensors").read_bytes()
+
+    fake_hub.remote.update({f"runs/lora-state/{path.name}": path.read_bytes()
+                            for path in (out / "lora-state").iterdir()})
+    trainer, final = run_sd(base_argv(tiny_models.path("sd1"), dataset_toml(tmp_path, batch_size=1),
+                                      tmp_path / "resumed", "--max_train_steps", "3", "--resume", "me/lora/runs/lora-state",
+                                      "--resume_from_huggingface"))
+    assert trainer._run.progress.global_step == 3
+    assert len(trainer.loss_history) == 1, "the resumed run trains only the third step"
+    with safe_open(final, "pt") as file:
+        assert file.metadata()["ss_steps"] == "3"

@@ -148,6 +148,22 @@ def test_v_parameterization_is_recorded_and_detected(tiny_models, tmp_path):
     assert sd1_v.family.model_version == "sd_v1_v"
 
 
+
+def test_sdxl_diffusers_folder_v_prediction_from_its_scheduler_or_the_flag(tiny_models, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "sdxl-v"
+    shutil.copytree(tiny_models.path("sdxl", "diffusers_safetensors"), folder)
+    assert load_target_model(folder).family.name == "sdxl"
+    assert load_target_model(folder, v_parameterization=True).family.v_parameterization
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config_path.parent.mkdir(exist_ok=True)
+    config_path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    family = load_target_model(folder).family
+    assert family.name == "sdxl" and family.v_parameterization
+
 def test_sd2_text_encoder_drops_the_files_last_layer(tiny_models):
     bundle = load_target_model(tiny_models.path("sd2-v"))
     file_keys = TensorFile(tiny_models.path("sd2-v")).keys()

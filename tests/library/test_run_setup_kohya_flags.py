@@ -152,3 +152,16 @@ def test_dynamo_flags_become_torch_compile_arguments():
     assert run_setup.torch_compile_kwargs(_args("--torch_compile", "--dynamo_backend", "eager", "--dynamo_mode",
                                                 "max-autotune", "--dynamo_fullgraph", "--dynamo_dynamic")) == {
         "backend": "eager", "mode": "max-autotune", "fullgraph": True, "dynamic": True}
+
+
+def test_flags_without_effect_here_are_warned_once_each(caplog):
+    args = train_network.setup_parser().parse_args(["--lowram", "--ddp_static_graph", "--ddp_gradient_as_bucket_view"])
+    with caplog.at_level(logging.WARNING, logger="library.train.run_setup"):
+        run_setup.warn_inert_flags(args)
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line.split(" ")[0] for line in lines] == ["--lowram", "--ddp_gradient_as_bucket_view",
+                                                      "--ddp_static_graph"]
+    assert all("has no effect here" in line for line in lines)
+    caplog.clear()
+    run_setup.warn_inert_flags(train_network.setup_parser().parse_args([]))
+    assert not caplog.records
