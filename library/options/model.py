@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from library.options.choices import SAVE_FORMATS
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,22 +18,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="use this VAE instead of the checkpoint's (LDM or diffusers file, or diffusers folder)")
 
 
-def add_save_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("saving")
-    group.add_argument("--save_model_as", type=str, default=None, choices=SAVE_FORMATS,
-                       help="format of saved models: ckpt, safetensors (single file, LDM/SGM keys), diffusers, "
-                            "diffusers_safetensors (pipeline folder)")
-    group.add_argument("--save_precision", type=str, default=None, choices=("float", "fp16", "bf16"),
-                       help="dtype of saved weights (default: the dtype they have in memory)")
-
-
 def add_text_encoding_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("text encoding")
     group.add_argument("--max_token_length", type=int, default=None, choices=(None, 75, 150, 225),
                        help="tokens per caption: 75 (default, one CLIP window), 150 or 225 (encoded in 75-token "
                             "chunks and concatenated)")
     group.add_argument("--clip_skip", type=int, default=None,
-                       help="use the output of the k-th last text-encoder layer (2 = penultimate); SD1.x only")
+                       help="use the output of the k-th last text-encoder layer (2 = penultimate); SD1.x/2.x (no effect for SDXL: warned)")
     group.add_argument("--tokenizer_cache_dir", type=str, default=None,
                        help="folder to save tokenizers to and load them from (they are built offline from the "
                             "bundled CLIP vocabulary when missing)")
