@@ -255,9 +255,6 @@ class NetworkTrainer(ModelHooks, StepHooks):
         unet = self.prepare_unet_with_accelerator(args, accelerator, unet)
         if args.fp8_base or args.fp8_base_unet:
             cast_to_fp8(unet)
-        if args.fp8_base and not args.fp8_base_unet:  # kohya: --fp8_base also stores the text encoders in fp8
-            for index, encoder in enumerate(text_encoders):
-                self.prepare_text_encoder_fp8(index, encoder, torch.float8_e4m3fn, run.weight_dtype)
         if self.cast_vae(args):
             vae.to(dtype=vae_dtype(args.mixed_precision, args.no_half_vae))
         caption_encoder = CaptionEncoder(self.family, tokenizers, text_encoders,
@@ -302,6 +299,11 @@ class NetworkTrainer(ModelHooks, StepHooks):
             models.vae.to(accelerator.device)
         self.cache_text_encoder_outputs_if_needed(args, accelerator, models.unet, models.vae, models.text_encoders,
                                                   run.train_group, run.weight_dtype)
+        offloaded = self.is_text_encoder_not_needed_for_training(args) and not args.highvram
+        if args.fp8_base and not args.fp8_base_unet and not offloaded:
+            # kohya: after caching (which encodes in the mixed dtype), --fp8_base stores the encoders in fp8 too
+            for index, encoder in enumerate(models.text_encoders):
+                self.prepare_text_encoder_fp8(index, encoder, torch.float8_e4m3fn, run.weight_dtype)
 
     def build_trainable(self, run: TrainingRun, models: LoadedModels) -> Trainable:
         """Create the network, hook it into the models and load --network_weights."""

@@ -47,6 +47,15 @@ class StepLogger:
 
 
 def run_training_loop(trainer, run, models, trainable) -> None:
+    compute_threads = torch.get_num_threads()
+    try:
+        _run_training_loop(trainer, run, models, trainable)
+    finally:
+        # _leave_cores_for_workers lowered them for the loader; the caller's process (a notebook, tests) gets them back
+        torch.set_num_threads(compute_threads)
+
+
+def _run_training_loop(trainer, run, models, trainable) -> None:
     from library.data.order import EpochOrderSampler, epoch_data_loader
 
     args, accelerator, schedule, progress = run.args, run.accelerator, run.schedule, run.progress

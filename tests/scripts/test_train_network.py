@@ -321,9 +321,15 @@ def test_sd2_v_training_and_continuing_from_network_weights(tiny_models, tmp_pat
 def test_bf16_with_fp8_base_trains_on_cpu(tiny_models, tmp_path):
     trainer, final = run_sd(base_argv(tiny_models.path("sd1"), dataset_toml(tmp_path), tmp_path / "out",
                                       "--max_train_steps", "2", "--mixed_precision", "bf16", "--fp8_base",
-                                      "--save_precision", "fp16", "--network_train_unet_only"))
+                                      "--save_precision", "fp16"))
     linear = trainer._models.unet.down_blocks[0].attentions[0].proj_in
     assert linear.weight.dtype == torch.float8_e4m3fn
+    # the text encoders (trained through the LoRA here) are stored in fp8 too, their embeddings in bf16
+    encoder = trainer._models.text_encoders[0]
+    linears = [module for module in encoder.modules() if isinstance(module, torch.nn.Linear)]
+    assert linears and all(module.weight.dtype == torch.float8_e4m3fn for module in linears)
+    assert getattr(encoder, "text_model", encoder).embeddings.token_embedding.weight.dtype == torch.bfloat16
+    assert any(key.startswith("lora_te_") for key in load_file(final))
     assert all(math.isfinite(loss) for loss in trainer.loss_history)
     assert {tensor.dtype for tensor in load_file(final).values()} == {torch.float16}
 
