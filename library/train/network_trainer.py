@@ -57,6 +57,12 @@ class LoadedModels:
     noise_scheduler: Any
     tokenize_strategy: Any = None
     text_encoding_strategy: Any = None
+    # what prepare_unet_with_accelerator returned (kohya: after the network is applied); the loop calls it, while
+    # the network, sampling and saving use the plain `unet`
+    prepared_unet: Any = None
+
+    def unet_for_training(self):
+        return self.unet if self.prepared_unet is None else self.prepared_unet
 
 
 @dataclass
@@ -252,7 +258,6 @@ class NetworkTrainer(ModelHooks, StepHooks):
         self._set_attention(args, unet)
         if self.cast_unet(args):
             unet.to(dtype=run.weight_dtype)
-        unet = self.prepare_unet_with_accelerator(args, accelerator, unet)
         if args.fp8_base or args.fp8_base_unet:
             cast_to_fp8(unet)
         if self.cast_vae(args):
@@ -349,6 +354,10 @@ class NetworkTrainer(ModelHooks, StepHooks):
             encoder.train()
         network_dtype = {True: torch.float16}.get(args.full_fp16) or {True: torch.bfloat16}.get(args.full_bf16)
         network.to(run.accelerator.device, dtype=network_dtype)
+        if train_unet:  # kohya: after the network is applied, so its modules are built on the plain U-Net
+            models.prepared_unet = self.prepare_unet_with_accelerator(args, run.accelerator, models.unet)
+        else:
+            models.unet.to(run.accelerator.device)
         logger.info("%s", network_module.describe_network(network))
         self.check_disk_space(run, network)
         return Trainable(network, train_unet, train_text_encoder)

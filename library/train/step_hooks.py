@@ -36,6 +36,16 @@ class NoisePlan:
     validation_seed: int = 0
 
 
+def _own_strategies(text_encoding_strategy, tokenize_strategy) -> bool:
+    """Did the trainer supply its own text encoding or tokenize strategy (not our stand-ins)?"""
+    from library.train import strategies
+
+    if text_encoding_strategy is None or tokenize_strategy is None:
+        return False
+    return (type(text_encoding_strategy) is not strategies.TextEncodingStrategy
+            or type(tokenize_strategy) is not strategies.TokenizeStrategy)
+
+
 def _accepts(method, name: str) -> bool:
     """Does an (overridable) hook take the keyword `name`? kohya's signatures lack our extra arguments."""
     try:
@@ -67,9 +77,10 @@ class StepHooks:
                       train_text_encoder: bool = True, train_unet: bool = True) -> torch.Tensor:
         """The loss of one micro-batch: latents, text conditioning, noise and prediction, loss, weighting."""
         with torch.no_grad():
-            latents = self._batch_latents(args, accelerator, vae, batch, weight_dtype)
+            latents = self._batch_latents(args, accelerator, vae, batch, weight_dtype, vae_dtype)
         text_conds = self._batch_text_conds(args, accelerator, batch, text_encoders, weight_dtype,
-                                            is_train and train_text_encoder)
+                                            is_train and train_text_encoder, text_encoding_strategy,
+                                            tokenize_strategy)
         prediction, target, timesteps, weighting = self.get_noise_pred_and_target(
             args, accelerator, noise_scheduler, latents, batch, text_conds, unet, network, weight_dtype, train_unet,
             is_train=is_train)
@@ -113,27 +124,29 @@ class StepHooks:
         return logs
 
     def step_logging(self, accelerator, logs: dict, global_step: int, epoch: int) -> None:
-        self.accelerator_logging(accelerator, logs, global_step, global_step)
+        self.accelerator_logging(accelerator, logs, global_step, global_step, epoch)
 
-    def epoch_logging(self, accelerator, logs: dict, global_step: int, current_epoch: int) -> None:
-        self.accelerator_logging(accelerator, logs, global_step, current_epoch)
+    def epoch_logging(self, accelerator, logs: dict, global_step: int, epoch: int) -> None:
+        self.accelerator_logging(accelerator, logs, epoch, global_step, epoch)
 
     def val_logging(self, accelerator, logs: dict, global_step: int, epoch: int, val_step: int | None = None) -> None:
-        self.accelerator_logging(accelerator, logs, global_step, global_step)
+        self.accelerator_logging(accelerator, logs, global_step + (val_step or 0), global_step, epoch, val_step)
 
-    def accelerator_logging(self, accelerator, logs: dict, global_step: int, epoch: int,
+    def accelerator_logging(self, accelerator, logs: dict, step_value: int, global_step: int, epoch: int,
                             val_step: int | None = None) -> None:
-        """Where every log line goes: accelerate's trackers (kohya's step argument: the step or the epoch)."""
-        accelerator.log(logs, step=epoch)
+        """Where every log line goes: accelerate's trackers at `step_value` (kohya's arguments: the step for step
+        and validation lines, the epoch for epoch lines; global_step, epoch and val_step say where the run is)."""
+        accelerator.log(logs, step=step_value)
 
     # ------------------------------------------------------------------------------------------ internals
 
-    def _batch_latents(self, args, accelerator, vae, batch: dict, weight_dtype) -> torch.Tensor:
-        """Scaled latents: cached, or encoded now (per-sample VAE draws during training)."""
+    def _batch_latents(self, args, accelerator, vae, batch: dict, weight_dtype, vae_dtype=None) -> torch.Tensor:
+        """Scaled latents: cached, or encoded now (per-sample VAE draws during training). The images reach
+        encode_images_to_latents in the VAE's dtype, as in kohya (an override may call vae.encode(images))."""
         if batch.get("latents") is not None:
             latents = batch["latents"].to(accelerator.device)
         else:
-            images = batch["images"].to(accelerator.device)
+            images = batch["images"].to(accelerator.device, dtype=vae_dtype)
             plan = self.noise_plan
             if plan.validation_timestep is None and _accepts(self.encode_images_to_latents, "generators"):
                 generators = [noise_generator(plan.seed, plan.global_step, plan.first_slot + index, stream=1)
@@ -146,15 +159,27 @@ class StepHooks:
                                       "try --no_half_vae")
         return self.shift_scale_latents(args, latents.float()).to(weight_dtype)
 
-    def _batch_text_conds(self, args, accelerator, batch: dict, text_encoders, weight_dtype,
-                          with_grad: bool) -> TextConds:
+    def _batch_text_conds(self, args, accelerator, batch: dict, text_encoders, weight_dtype, with_grad: bool,
+                          text_encoding_strategy=None, tokenize_strategy=None) -> TextConds:
         if batch.get("text_encoder_outputs") is not None:
             from library.text.conditioning import CaptionEncoder
 
             return CaptionEncoder.join_cached(batch["text_encoder_outputs"], accelerator.device, weight_dtype)
         models = self.get_models_for_text_encoding(args, accelerator, text_encoders)
         with torch.set_grad_enabled(with_grad):
-            conds = self.get_text_cond(args, accelerator, batch, self._models.tokenizers, models, weight_dtype)
+            if _own_strategies(text_encoding_strategy, tokenize_strategy):
+                # kohya v0.10: strategies a subclass returned from get_text_encoding_strategy /
+                # get_tokenize_strategy encode the captions (its get_text_cond is never called then)
+                with accelerator.autocast():
+                    if args.weighted_captions:
+                        tokens, weights = tokenize_strategy.tokenize_with_weights(batch["captions"])
+                        conds = text_encoding_strategy.encode_tokens_with_weights(tokenize_strategy, models, tokens,
+                                                                                  weights)
+                    else:
+                        conds = text_encoding_strategy.encode_tokens(tokenize_strategy, models,
+                                                                     tokenize_strategy.tokenize(batch["captions"]))
+            else:
+                conds = self.get_text_cond(args, accelerator, batch, self._models.tokenizers, models, weight_dtype)
         return as_text_conds(conds)
 
     def _noisy_batch(self, args, noise_scheduler, latents: torch.Tensor) -> NoisyBatch:

@@ -166,10 +166,11 @@ def _micro_batch_loss(trainer, run, models, trainable, batch: dict, is_train: bo
     _apply_dataset_multiplier(run, network, batch)
     if hasattr(network, "on_step_start"):
         network.on_step_start(_encoder_arg(models), models.unet)
-    trainer.on_step_start(args, accelerator, network, models.text_encoders, models.unet, batch, run.weight_dtype,
+    unet = models.unet_for_training()
+    trainer.on_step_start(args, accelerator, network, models.text_encoders, unet, batch, run.weight_dtype,
                           is_train=is_train)
     return trainer.process_batch(
-        batch, models.text_encoders, models.unet, network, models.vae, models.noise_scheduler,
+        batch, models.text_encoders, unet, network, models.vae, models.noise_scheduler,
         vae_dtype(args.mixed_precision, args.no_half_vae), run.weight_dtype, accelerator, args,
         models.text_encoding_strategy, models.tokenize_strategy, is_train=is_train,
         train_text_encoder=trainable.train_text_encoder, train_unet=trainable.train_unet)
@@ -303,6 +304,7 @@ def optimizer_eval_mode(optimizer):
 def validate(trainer, run, models, trainable, when: str) -> float:
     """Mean loss over the validation set at fixed timesteps and fixed noise (comparable across steps)."""
     from library.data.order import EpochOrderSampler, epoch_data_loader
+    from library.options.training import vae_dtype
     from library.train.step_hooks import NoisePlan
 
     args, accelerator = run.args, run.accelerator
@@ -316,22 +318,27 @@ def validate(trainer, run, models, trainable, when: str) -> float:
         if args.max_validation_steps and index >= args.max_validation_steps:
             break
         if batch.get("latents") is None:  # encode once for all the timesteps (cached latents need nothing)
-            batch = {**batch, "latents": trainer.encode_images_to_latents(
-                args, models.vae, batch["images"].to(accelerator.device))}
+            images = batch["images"].to(accelerator.device, dtype=vae_dtype(args.mixed_precision, args.no_half_vae))
+            batch = {**batch, "latents": trainer.encode_images_to_latents(args, models.vae, images)}
         for timestep in VALIDATION_TIMESTEPS:
             trainer.noise_plan = NoisePlan(seed=args.seed or 0, validation_timestep=timestep,
                                            validation_seed=(args.validation_seed or 0) + index)
             losses.append(float(_micro_batch_loss(trainer, run, models, trainable, batch, is_train=False)))
-        trainer.on_validation_step_end(args, accelerator, trainable.network, models.text_encoders, models.unet,
-                                       batch, run.weight_dtype)
+        trainer.on_validation_step_end(args, accelerator, trainable.network, models.text_encoders,
+                                       models.unet_for_training(), batch, run.weight_dtype)
     trainable.network.train()
     local = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
     value = float(total[0] / max(float(total[1]), 1.0))
     trainer.validation_history.append(value)
+    # kohya's keys; divergence: validation minus the training loss' moving average (over one epoch of steps)
+    recent = trainer.loss_history[-max(run.schedule.steps_per_epoch, 1):]
+    epoch = run.progress.epoch - 1 if when == "epoch" else run.progress.epoch  # the epoch just finished / running
     if math.isfinite(value):
-        trainer.val_logging(accelerator, {f"loss/validation/{when}_average": value}, run.progress.global_step,
-                            run.progress.epoch)
+        logs = {f"loss/validation/{when}_average": value}
+        if recent:
+            logs[f"loss/validation/{when}_divergence"] = value - sum(recent) / len(recent)
+        trainer.val_logging(accelerator, logs, run.progress.global_step, epoch)
     if accelerator.is_main_process:
         logger.info("validation loss (%s %d): %.5f over %d batches x %d timesteps (%.1f s)", when,
                     run.progress.global_step if when == "step" else run.progress.epoch - 1, value,
