@@ -46,8 +46,8 @@ class ModelHooks:
         return bundle.family.model_version, bundle.text_encoders, bundle.vae, bundle.unet
 
     def load_unet_lazily(self, args, weight_dtype, accelerator, text_encoders):
-        """kohya's hook for models whose denoiser loads after text-encoder caching; called when load_target_model
-        returned no U-Net. (model_version, unet)."""
+        """kohya's hook for models whose denoiser loads after text-encoder caching; called (after caching) when
+        load_target_model returned no U-Net. Returns (unet, text_encoders), as kohya's."""
         raise NotImplementedError(f"{type(self).__name__}.load_target_model returned no U-Net and load_unet_lazily "
                                   "is not implemented")
 
@@ -127,7 +127,8 @@ class ModelHooks:
 
     def cache_text_encoder_outputs_if_needed(self, args, accelerator, unet, vae, text_encoders, dataset,
                                              weight_dtype) -> None:
-        """Encode every caption once (--cache_text_encoder_outputs[_to_disk]); frozen encoders then leave the GPU."""
+        """Encode every caption of `dataset` once (--cache_text_encoder_outputs[_to_disk]); frozen encoders then
+        leave the GPU. Called for the training and then the validation group, as kohya does."""
         for encoder in text_encoders:
             encoder.to(accelerator.device, dtype=weight_dtype if self.cast_text_encoder(args) else None)
         caching = self.get_text_encoder_outputs_caching_strategy(args)
@@ -135,19 +136,16 @@ class ModelHooks:
             return
         from library.data.caching import attach_existing_caches, cache_text_encoder_outputs
 
-        for group in (dataset, self._run.val_group):
-            if group is None:
-                continue
-            with accelerator.autocast():  # fp8 weights (--fp8_base) are computed in the mixed dtype
-                cache_text_encoder_outputs(group, self._models.caption_encoder, to_disk=caching.cache_to_disk,
-                                           batch_size=caching.batch_size,
-                                           skip_check=caching.skip_disk_cache_validity_check,
-                                           process_index=accelerator.process_index,
-                                           num_processes=accelerator.num_processes,
-                                           show_progress=accelerator.is_main_process)
-            if caching.cache_to_disk:
-                accelerator.wait_for_everyone()
-                attach_existing_caches(group, latent_suffix=None, text_outputs=True)
+        with accelerator.autocast():  # fp8 weights (--fp8_base) are computed in the mixed dtype
+            cache_text_encoder_outputs(dataset, self._models.caption_encoder, to_disk=caching.cache_to_disk,
+                                       batch_size=caching.batch_size,
+                                       skip_check=caching.skip_disk_cache_validity_check,
+                                       process_index=accelerator.process_index,
+                                       num_processes=accelerator.num_processes,
+                                       show_progress=accelerator.is_main_process)
+        if caching.cache_to_disk:
+            accelerator.wait_for_everyone()
+            attach_existing_caches(dataset, latent_suffix=None, text_outputs=True)
         if self.is_text_encoder_not_needed_for_training(args) and not args.highvram:
             for encoder in text_encoders:
                 encoder.to("cpu")

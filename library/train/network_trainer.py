@@ -247,19 +247,11 @@ class NetworkTrainer(ModelHooks, StepHooks):
         text_encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
         tokenize_strategy = self.get_tokenize_strategy(args)
         tokenizers = self.get_tokenizers(tokenize_strategy)
-        if unet is None:
-            _, unet = self.load_unet_lazily(args, run.weight_dtype, accelerator, text_encoders)
-        for model in (unet, vae, *text_encoders):
+        for model in (vae, *text_encoders):
             model.requires_grad_(False)
             model.eval()
-        if args.base_weights:
-            network_module.apply_base_weights(args.network_module, args.base_weights, args.base_weights_multiplier,
-                                              vae, text_encoders, unet, torch.float32, "cpu")
-        self._set_attention(args, unet)
-        if self.cast_unet(args):
-            unet.to(dtype=run.weight_dtype)
-        if args.fp8_base or args.fp8_base_unet:
-            cast_to_fp8(unet)
+        if unet is not None:  # None: load_unet_lazily gives it after text-encoder caching (prepare_conditioning)
+            self._prepare_frozen_unet(run, unet, vae, text_encoders)
         if self.cast_vae(args):
             vae.to(dtype=vae_dtype(args.mixed_precision, args.no_half_vae))
         caption_encoder = CaptionEncoder(self.family, tokenizers, text_encoders,
@@ -270,6 +262,36 @@ class NetworkTrainer(ModelHooks, StepHooks):
         self._models = models
         models.text_encoding_strategy = self.get_text_encoding_strategy(args)
         return models
+
+    def _prepare_frozen_unet(self, run: TrainingRun, unet, vae, text_encoders) -> None:
+        """Freeze the U-Net, merge --base_weights, set attention, cast (cast_unet) and store fp8 (--fp8_base)."""
+        args = run.args
+        unet.requires_grad_(False)
+        unet.eval()
+        if args.base_weights:
+            network_module.apply_base_weights(args.network_module, args.base_weights, args.base_weights_multiplier,
+                                              vae, text_encoders, unet, torch.float32, "cpu")
+        self._set_attention(args, unet)
+        if self.cast_unet(args):
+            unet.to(dtype=run.weight_dtype)
+        if args.fp8_base or args.fp8_base_unet:
+            cast_to_fp8(unet)
+
+    def _load_unet_lazily(self, run: TrainingRun, models: LoadedModels) -> None:
+        """kohya's order: after text-encoder caching, `load_unet_lazily` returns (unet, text_encoders); the
+        encoders may come back freed or replaced (their outputs are cached by then)."""
+        from library.text.conditioning import CaptionEncoder
+
+        unet, text_encoders = self.load_unet_lazily(run.args, run.weight_dtype, run.accelerator, models.text_encoders)
+        text_encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
+        if text_encoders != models.text_encoders:
+            old = models.caption_encoder
+            models.caption_encoder = CaptionEncoder(old.family, old.tokenizers, text_encoders,
+                                                    max_token_length=old.max_token_length, clip_skip=old.clip_skip,
+                                                    weighted=old.weighted)
+            models.text_encoders = text_encoders
+        self._prepare_frozen_unet(run, unet, models.vae, models.text_encoders)
+        models.unet = unet
 
     def _set_attention(self, args, unet) -> None:
         if args.xformers:
@@ -283,10 +305,10 @@ class NetworkTrainer(ModelHooks, StepHooks):
     def prepare_conditioning(self, run: TrainingRun, models: LoadedModels) -> None:
         """Latent cache (--cache_latents[_to_disk]) and text-encoder output cache; the VAE leaves the GPU after."""
         args, accelerator = run.args, run.accelerator
+        caching = self.get_latents_caching_strategy(args)  # kohya asks for it at every start
         if args.cache_latents or args.cache_latents_to_disk:
             from library.data.caching import attach_existing_caches, cache_latents
 
-            caching = self.get_latents_caching_strategy(args)
             models.vae.to(accelerator.device)
             for group in (run.train_group, run.val_group):
                 if group is None:
@@ -302,8 +324,12 @@ class NetworkTrainer(ModelHooks, StepHooks):
                 models.vae.to("cpu")
         else:
             models.vae.to(accelerator.device)
-        self.cache_text_encoder_outputs_if_needed(args, accelerator, models.unet, models.vae, models.text_encoders,
-                                                  run.train_group, run.weight_dtype)
+        for group in (run.train_group, run.val_group):
+            if group is not None:
+                self.cache_text_encoder_outputs_if_needed(args, accelerator, models.unet, models.vae,
+                                                          models.text_encoders, group, run.weight_dtype)
+        if models.unet is None:
+            self._load_unet_lazily(run, models)
         offloaded = self.is_text_encoder_not_needed_for_training(args) and not args.highvram
         if args.fp8_base and not args.fp8_base_unet and not offloaded:
             # kohya: after caching (which encodes in the mixed dtype), --fp8_base stores the encoders in fp8 too

@@ -337,7 +337,8 @@ def test_setup_hooks_get_kohyas_arguments(recording):
     encoding_strategy = recording.one("get_text_encoding_strategy")["result"]
     for call in trainer.seen["process_batch"]:  # the strategies reach process_batch
         assert call["text_encoding_strategy"] is encoding_strategy and call["tokenize_strategy"] is tokenize_strategy
-    assert recording.one("get_text_encoder_outputs_caching_strategy")["result"] is None  # not cached in this run
+    caching_strategies = trainer.seen["get_text_encoder_outputs_caching_strategy"]  # once per dataset group
+    assert len(caching_strategies) == 2 and all(call["result"] is None for call in caching_strategies)  # not cached
 
     flags = recording.one("get_text_encoders_train_flags")
     assert flags["text_encoders"] == models.text_encoders and flags["result"] == [True]
@@ -345,7 +346,11 @@ def test_setup_hooks_get_kohyas_arguments(recording):
     assert train_te and all(call["result"] is True for call in train_te)
     assert trainable.train_text_encoder and any(key.startswith("lora_te_") for key in load_file(recording.final))
 
-    caching = recording.one("cache_text_encoder_outputs_if_needed")
+    # kohya calls it once per dataset group: training, then validation
+    assert [call["dataset"] for call in trainer.seen["cache_text_encoder_outputs_if_needed"]] == \
+        [extra["train"], extra["val"]]
+    caching = trainer.seen["cache_text_encoder_outputs_if_needed"][0]
+    assert recording.one("get_latents_caching_strategy")["args"] is extra["args"]  # asked for without caching too
     assert caching["unet"] is models.unet and caching["vae"] is models.vae
     assert caching["text_encoders"] == models.text_encoders and caching["dataset"] is extra["train"]
     assert caching["weight_dtype"] == torch.float32 and caching["accelerator"] is loaded["accelerator"]
@@ -520,7 +525,10 @@ class TargetTrainer(NetworkTrainer):
 
     def load_unet_lazily(self, args, weight_dtype, accelerator, text_encoders):
         self.lazy_calls.append((args, weight_dtype, accelerator, text_encoders))
-        return "sd_v1", self.lazy_unet  # (model_version, unet): what load_models unpacks
+        # kohya calls it after caching: every caption's outputs are cached by now
+        self.cached_before_lazy = all(info.text_encoder_outputs is not None or info.text_encoder_outputs_npz
+                                      for info in self._run.train_group.images)
+        return self.lazy_unet, text_encoders  # kohya's (unet, text_encoders)
 
     def get_latents_caching_strategy(self, args):
         self.strategies["latents"] = super().get_latents_caching_strategy(args)
@@ -578,7 +586,7 @@ def test_lazily_loaded_unet_is_the_one_trained(target_run):
     assert isinstance(accelerator, Accelerator)
     assert list(text_encoders) == list(trainer.loaded_text_encoders)
     assert [type(encoder) for encoder in text_encoders] == [CLIPTextModel]
-    assert trainer._models.unet is trainer.lazy_unet
+    assert trainer._models.unet is trainer.lazy_unet and trainer.cached_before_lazy
     assert trainer.unets_called and all(unet is trainer.lazy_unet for unet in trainer.unets_called)
 
 
