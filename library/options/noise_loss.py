@@ -22,7 +22,8 @@ def _add_noise_arguments(group: argparse._ArgumentGroup) -> None:
                        help="add offset·N(0,1) per sample and channel to the noise (about 0.1 helps very dark/bright "
                             "images; default: off)")
     group.add_argument("--noise_offset_random_strength", action="store_true",
-                       help="draw the noise offset uniformly from 0..--noise_offset each step")
+                       help="draw the noise offset uniformly from 0..--noise_offset for each sample (kohya: once "
+                            "per batch)")
     group.add_argument("--adaptive_noise_scale", type=float, default=None,
                        help="also add this × |mean latent| per channel to the noise offset (needs --noise_offset)")
     group.add_argument("--multires_noise_iterations", type=int, default=None,
@@ -33,7 +34,8 @@ def _add_noise_arguments(group: argparse._ArgumentGroup) -> None:
                        help="input-perturbation noise strength added to the noisy UNet input only, about 0.1 "
                             "(default: off)")
     group.add_argument("--ip_noise_gamma_random_strength", action="store_true",
-                       help="draw the input-perturbation strength uniformly from 0..--ip_noise_gamma each step")
+                       help="draw the input-perturbation strength uniformly from 0..--ip_noise_gamma for each "
+                            "sample (kohya: once per batch)")
     group.add_argument("--zero_terminal_snr", action="store_true",
                        help="rescale the noise schedule so the last timestep is pure noise (use with "
                             "--v_parameterization)")

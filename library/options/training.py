@@ -205,8 +205,9 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
                        help="write TensorBoard logs under this folder (one sub-folder per run)")
     group.add_argument("--log_with", type=str, default=None, choices=(None, "tensorboard", "wandb", "all"),
                        help="tracker: tensorboard (default when --logging_dir is given), wandb or all")
-    group.add_argument("--log_prefix", type=str, default=None, help="prefix of the run folder name under --logging_dir")
-    group.add_argument("--log_tracker_name", type=str, default=None, help="tracker project name (default: script name)")
+    group.add_argument("--log_prefix", type=str, default=None, help="prefix of the run folder name under --logging_dir (<logging_dir>/<prefix><time>/<tracker name>)")
+    group.add_argument("--log_tracker_name", type=str, default=None, help="tracker project name (default network_train): with TensorBoard, the folder inside the run "
+                            "folder under --logging_dir")
     group.add_argument("--log_tracker_config", type=str, default=None, help="TOML of extra tracker init arguments")
     group.add_argument("--wandb_run_name", type=str, default=None, help="W&B run name")
     group.add_argument("--wandb_api_key", type=str, default=None,

@@ -131,6 +131,16 @@ def warn_inert_flags(args: argparse.Namespace) -> None:
             logger.warning("--%s has no effect here: %s", flag, reason)
 
 
+def run_logging_dir(args: argparse.Namespace) -> str | None:
+    """kohya's folder of one run's logs: <--logging_dir>/<--log_prefix><YYYYmmddHHMMSS>; each tracker writes in
+    a folder named --log_tracker_name (default network_train) inside it."""
+    if not args.logging_dir:
+        return None
+    import time
+
+    return os.path.join(args.logging_dir, (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+
+
 def make_accelerator(args: argparse.Namespace):
     """accelerate's Accelerator for the flags: mixed precision, trackers, DDP timeout, DeepSpeed plugin."""
     from accelerate import Accelerator
@@ -155,7 +165,7 @@ def make_accelerator(args: argparse.Namespace):
     _forget_previous_run_settings(args.mixed_precision)
     try:
         return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
-                           project_dir=args.logging_dir, kwargs_handlers=handlers, deepspeed_plugin=plugin)
+                           project_dir=run_logging_dir(args), kwargs_handlers=handlers, deepspeed_plugin=plugin)
     except ValueError as error:
         raise FlagError(f"--mixed_precision {args.mixed_precision}: {error}") from error
 

@@ -355,12 +355,8 @@ def _init_trackers(run) -> None:
     init_kwargs = toml.load(args.log_tracker_config) if args.log_tracker_config else {}
     if args.wandb_run_name:
         init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+    # kohya's layout: <logging_dir>/<log_prefix><time>/<tracker name> (run_setup.run_logging_dir)
     name = args.log_tracker_name or "network_train"
-    run_name = (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
-    if args.logging_dir:
-        init_kwargs.setdefault("tensorboard", {})
-    if not args.log_tracker_name and args.logging_dir:
-        name = run_name  # one TensorBoard folder per run under --logging_dir
     accelerator.init_trackers(name,
                               config=_tracker_config(args) if args.log_config else None, init_kwargs=init_kwargs)
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,8 +306,11 @@ def test_schedule_free_optimizer_is_in_eval_mode_for_saves_samples_and_validatio
 
 def test_log_tracker_name_names_the_tensorboard_folder(sd1_run):
     logs = sd1_run.root / "logs"
-    events = sorted(path.relative_to(logs).parts[0] for path in logs.rglob("events.out.tfevents.*"))
-    assert events and set(events) == {TRACKER_NAME}
+    # kohya's layout: <logging_dir>/<time>/<tracker name>/events...
+    folders = {path.parent.relative_to(logs).parts for path in logs.rglob("events.out.tfevents.*")}
+    assert len(folders) == 1
+    (run_folder, tracker_folder), = folders
+    assert tracker_folder == TRACKER_NAME and re.fullmatch(r"\d{14}", run_folder)
 
 
 def test_dataset_network_multiplier_scales_the_network_during_steps_only(sd1_run):
