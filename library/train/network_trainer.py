@@ -470,9 +470,8 @@ class NetworkTrainer(ModelHooks, StepHooks):
         accelerator, args = run.accelerator, run.args
         accelerator.wait_for_everyone()
         final = run.names.last_file()
-        from library.train.training_loop import optimizer_eval_mode
-
         from library.train import hub
+        from library.train.training_loop import optimizer_eval_mode
 
         with optimizer_eval_mode(trainable.optimizer):
             self.save_network_file(run, trainable, final, epoch=run.schedule.num_epochs)

@@ -341,7 +341,7 @@ def validate(trainer, run, models, trainable, when: str) -> float:
         trainer.val_logging(accelerator, logs, run.progress.global_step, epoch)
     if accelerator.is_main_process:
         logger.info("validation loss (%s %d): %.5f over %d batches x %d timesteps (%.1f s)", when,
-                    run.progress.global_step if when == "step" else run.progress.epoch - 1, value,
+                    run.progress.global_step if when == "step" else epoch, value,
                     len(losses) // max(len(VALIDATION_TIMESTEPS), 1), len(VALIDATION_TIMESTEPS), time.time() - started)
     return value
 
