@@ -60,7 +60,7 @@ class OutputNames:
     def __init__(self, output_dir: str | Path, output_name: str | None, extension: str):
         self.folder = Path(output_dir)
         self.output_name = output_name
-        self.extension = extension if extension.startswith(".") else "." + extension
+        self.extension = extension if not extension or extension.startswith(".") else "." + extension
 
     def _name(self, default: str) -> str:
         return self.output_name if self.output_name else default

@@ -149,6 +149,19 @@ class NetworkTrainer(ModelHooks, StepHooks):
         return modelspec_metadata(args, self.family, kind="lora", started_at=self._run.progress.started_at,
                                   resolution=self.training_resolution())
 
+    def check_network_arguments(self, args) -> None:
+        """The network flags: combinations, --network_weights/--base_weights of this family, the module exists."""
+        run_setup.check_network_flags(args, len(self.family.text_encoders))
+        for flag, paths in (("--network_weights", [args.network_weights]), ("--base_weights", args.base_weights)):
+            for path in paths or []:
+                if path:
+                    network_module.check_network_weights_family(path, self.family.name, flag)
+        network_module.import_network_module(args.network_module)
+
+    def output_extension(self, args) -> str:
+        """The suffix of saved files ("" for folders)."""
+        return "." + args.save_model_as
+
     def update_metadata(self, metadata: dict, args) -> None:
         """Add family-specific `ss_*` keys (none for SD1/2)."""
 
@@ -184,12 +197,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
         self.family = detect_family(args.pretrained_model_name_or_path, args.v_parameterization, v2=args.v2,
                                     expected_families=self.supported_families)
         args.v_parameterization = self.family.v_parameterization
-        run_setup.check_network_flags(args, len(self.family.text_encoders))
-        for flag, paths in (("--network_weights", [args.network_weights]), ("--base_weights", args.base_weights)):
-            for path in paths or []:
-                if path:
-                    network_module.check_network_weights_family(path, self.family.name, flag)
-        network_module.import_network_module(args.network_module)
+        self.check_network_arguments(args)
         sample_prompts = self._load_sample_prompts(args)
         accelerator = run_setup.make_accelerator(args)
         run_setup.check_device_precision(args, accelerator.device)
@@ -208,7 +216,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
                           sample_prompts=sample_prompts)
         run.schedule = run_setup.training_schedule(args, len(train_group), accelerator.num_processes)
         run_setup.initial_step(args, run.schedule)  # a start past the end fails before models load
-        run.names = OutputNames(args.output_dir, args.output_name, "." + args.save_model_as)
+        run.names = OutputNames(args.output_dir, args.output_name, self.output_extension(args))
         checkpoints.check_output_folder(run.names, resuming=bool(args.resume), overwrite=args.overwrite_output)
         if accelerator.is_main_process:
             checkpoints.remove_stale_temp_outputs(run.names)
@@ -339,6 +347,13 @@ class NetworkTrainer(ModelHooks, StepHooks):
     def build_trainable(self, run: TrainingRun, models: LoadedModels) -> Trainable:
         """Create the network, hook it into the models and load --network_weights."""
         args = run.args
+        network = self.make_network(run, models)
+        self.post_process_network(args, run.accelerator, network, models.text_encoders, models.unet)
+        return self._apply_network(run, models, network)
+
+    def make_network(self, run: TrainingRun, models: LoadedModels):
+        """The network of --network_module, created for the loaded models (not yet applied to them)."""
+        args = run.args
         module = network_module.import_network_module(args.network_module)
         kwargs = network_module.network_kwargs(args.network_args, args.network_dropout)
         if args.dim_from_weights:
@@ -356,7 +371,10 @@ class NetworkTrainer(ModelHooks, StepHooks):
             network.prepare_network(args)
         network_module.apply_loraplus_flags(network, args.network_module, args.loraplus_lr_ratio,
                                             args.loraplus_unet_lr_ratio, args.loraplus_text_encoder_lr_ratio)
-        self.post_process_network(args, run.accelerator, network, models.text_encoders, models.unet)
+        return network
+
+    def _apply_network(self, run: TrainingRun, models: LoadedModels, network) -> Trainable:
+        args = run.args
         train_unet = not args.network_train_text_encoder_only
         encoder_flags = self.get_text_encoders_train_flags(args, models.text_encoders)
         train_text_encoder = any(encoder_flags)

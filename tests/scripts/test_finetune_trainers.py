@@ -1,0 +1,216 @@
+"""sdxl_train.py / fine_tune.py / train_db.py on tiny models: the same loop as LoRA training with the model's own
+weights training. What trains (frozen parts bit-identical, TE1's last layer, --block_lr zeros,
+--stop_text_encoder_training), the saved whole model (loads back, keeps the source's other keys, --save_precision,
+modelspec only), exact resume, and the bad inputs that fail before models load."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import fine_tune
+import sdxl_train
+import train_db
+from library.errors import FlagError, UserInputError
+from library.models.load import load_target_model
+from library.models.state_dict_io import TensorFile
+from tests.scripts.test_train_network import DATASET, dataset_toml
+
+
+def ft_argv(model: Path, toml: Path, out: Path, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(toml), "--output_dir", str(out),
+            "--output_name", "model", "--learning_rate", "1e-3", "--seed", "1", "--max_train_steps", "2",
+            "--skip_dataset_lint", "--max_data_loader_n_workers", "0", "--optimizer_type", "AdamW", *extra]
+
+
+def metadata_toml(root: Path) -> Path:
+    """The bundled tiny images as one fine-tuning (metadata_file) dataset."""
+    images = sorted(DATASET.glob("*.png"))
+    metadata = {image.stem: {"caption": (image.with_suffix(".txt")).read_text(encoding="utf-8").strip()}
+                for image in images}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "meta.json").write_text(json.dumps(metadata), encoding="utf-8")
+    toml = root / "finetune.toml"
+    toml.write_text(f"""
+[[datasets]]
+resolution = 64
+batch_size = 2
+[[datasets.subsets]]
+image_dir = '{DATASET.as_posix()}'
+metadata_file = '{(root / "meta.json").as_posix()}'
+""")
+    return toml
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def changed(before: dict, module: torch.nn.Module, prefix: str = "") -> set[str]:
+    after = module.state_dict()
+    return {key for key, value in before.items() if key.startswith(prefix) and not torch.equal(value, after[key])}
+
+
+def recording(kind: str):
+    """The script's trainer, keeping the models as loaded and the text encoder after each step."""
+    base = fine_tune.trainer_class(kind)
+
+    class Recording(base):
+        def load_target_model(self, args, weight_dtype, accelerator):
+            loaded = super().load_target_model(args, weight_dtype, accelerator)
+            self.before = {"unet": snapshot(loaded[3]), "te": [snapshot(encoder) for encoder in loaded[1]]}
+            self.te_after_step: list[list[dict]] = []
+            return loaded
+
+        def on_step_start(self, args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train=True):
+            if is_train:
+                self.te_after_step.append([snapshot(encoder) for encoder in text_encoders])
+            super().on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train)
+
+    return Recording
+
+
+def run(script, kind: str, argv: list[str]):
+    from library.config_file import parse_args_with_config
+
+    args = parse_args_with_config(script.setup_parser(), argv)
+    trainer = recording(kind)()
+    return trainer, trainer.train(args)
+
+
+# ------------------------------------------------------------------------------------------------ train_db.py
+
+
+@pytest.fixture(scope="module")
+def db_run(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("db")
+    return run(train_db, "db", ft_argv(tiny_models.path("sd1"), dataset_toml(root), root / "out",
+                                       "--stop_text_encoder_training", "1", "--save_precision", "fp16"))
+
+
+def test_train_db_trains_unet_and_text_encoder_until_the_stop_step(db_run):
+    trainer, final = db_run
+    models = trainer._models
+    assert changed(trainer.before["unet"], models.unet)
+    te_before = trainer.before["te"][0]
+    after_step1, at_step2_start = trainer.te_after_step[1][0], models.text_encoders[0].state_dict()
+    assert any(not torch.equal(te_before[key], after_step1[key]) for key in te_before), "step 1 trains the TE"
+    assert all(torch.equal(after_step1[key], at_step2_start[key]) for key in after_step1), \
+        "--stop_text_encoder_training 1: step 2 leaves the text encoder as it was"
+    assert [group for group in trainer._trainable.group_names] == ["unet", "text_encoder"]
+
+
+def test_train_db_saves_the_whole_model_with_the_sources_other_keys(db_run, tiny_models):
+    _, final = db_run
+    assert final.name == "model.safetensors"
+    source = TensorFile(tiny_models.path("sd1"))
+    saved = TensorFile(final)
+    assert set(saved.keys()) == set(source.keys())  # every key of the source file, nothing lost
+    with safe_open(final, "pt") as file:
+        metadata = file.metadata()
+        assert {file.get_tensor(key).dtype for key in file.keys() if file.get_tensor(key).is_floating_point()} == \
+            {torch.float16}
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1"
+    assert not any(key.startswith("ss_") for key in metadata), "checkpoints carry modelspec only (kohya)"
+    assert load_target_model(final).family.name == "sd1"
+
+
+def test_train_db_resumed_twice_equals_an_uninterrupted_run(tiny_models, tmp_path):
+    """kohya restarts full fine-tuning at step 0 on --resume; here the step, data position, optimizer, scheduler
+    and RNG come back, so the whole model ends bit-identical."""
+    import shutil
+
+    model, toml = tiny_models.path("sd1"), dataset_toml(tmp_path, batch_size=3)
+    common = ["--max_train_steps", "3", "--save_every_n_steps", "1", "--save_state", "--lr_scheduler", "cosine",
+              "--noise_offset", "0.05"]
+    full = tmp_path / "full"
+    run(train_db, "db", ft_argv(model, toml, full, *common))
+    previous = full
+    for number, step in enumerate((1, 2)):
+        out = tmp_path / f"resumed{number}"
+        state = f"model-step{step:08d}-state"
+        shutil.copytree(previous / state, out / state)
+        run(train_db, "db", ft_argv(model, toml, out, *common, "--resume", str(out / state)))
+        expected, got = TensorFile(full / "model.safetensors"), TensorFile(out / "model.safetensors")
+        assert all(torch.equal(got.get(key), expected.get(key)) for key in expected.keys()), (out, step)
+        previous = out
+
+
+def test_train_db_refuses_a_fine_tuning_dataset(tiny_models, tmp_path):
+    with pytest.raises(UserInputError, match=r"datasets\[0\] .* is a fine-tuning dataset; train_db.py trains on "
+                                             r"DreamBooth datasets \(use fine_tune.py\)"):
+        run(train_db, "db", ft_argv(tiny_models.path("sd1"), metadata_toml(tmp_path), tmp_path / "out"))
+
+
+# ------------------------------------------------------------------------------------------------ fine_tune.py
+
+
+def test_fine_tune_trains_the_unet_only_and_saves_a_diffusers_folder(tiny_models, tmp_path):
+    trainer, final = run(fine_tune, "sd", ft_argv(tiny_models.path("sd1"), metadata_toml(tmp_path), tmp_path / "out",
+                                                  "--save_model_as", "diffusers"))
+    assert changed(trainer.before["unet"], trainer._models.unet)
+    assert not changed(trainer.before["te"][0], trainer._models.text_encoders[0]), "no --train_text_encoder"
+    assert final.is_dir() and (final / "unet" / "config.json").exists()
+    reloaded = load_target_model(final)
+    unet = trainer._models.unet.state_dict()
+    assert all(torch.equal(value, unet[key].cpu()) for key, value in reloaded.unet.state_dict().items())
+
+
+def test_fine_tune_refuses_dreambooth_folders_and_sdxl_models(tiny_models, tmp_path):
+    with pytest.raises(UserInputError, match=r"is a DreamBooth dataset; fine_tune.py trains on fine-tuning "
+                                             r"datasets \(use train_db.py\)"):
+        run(fine_tune, "sd", ft_argv(tiny_models.path("sd1"), dataset_toml(tmp_path), tmp_path / "out"))
+    with pytest.raises(UserInputError, match="sdxl"):
+        run(fine_tune, "sd", ft_argv(tiny_models.path("sdxl"), metadata_toml(tmp_path), tmp_path / "out"))
+
+
+# ------------------------------------------------------------------------------------------------ sdxl_train.py
+
+BLOCK_LRS = ["0"] * 10 + ["1e-3"] * 13  # embeddings and input blocks frozen; middle, output and out train
+
+
+def test_sdxl_train_block_lr_zero_blocks_and_te1_last_layer_stay_frozen(tiny_models, tmp_path):
+    trainer, final = run(sdxl_train, "sdxl", ft_argv(
+        tiny_models.path("sdxl"), dataset_toml(tmp_path), tmp_path / "out", "--train_text_encoder",
+        "--learning_rate_te2", "0", "--block_lr", ",".join(BLOCK_LRS), "--max_train_steps", "1"))
+    models = trainer._models
+    unet_changed = changed(trainer.before["unet"], models.unet)
+    frozen_prefixes = ("time_embedding.", "add_embedding.", "conv_in.", "down_blocks.")
+    assert unet_changed and not any(key.startswith(frozen_prefixes) for key in unet_changed)
+    assert all(not parameter.requires_grad for name, parameter in models.unet.named_parameters()
+               if name.startswith(frozen_prefixes)), "a block at 0 computes no gradient"
+    te1_changed = changed(trainer.before["te"][0], models.text_encoders[0])
+    layers = models.text_encoders[0].config.num_hidden_layers
+    assert te1_changed and not any(f"layers.{layers - 1}." in key or "final_layer_norm" in key for key in te1_changed)
+    assert not changed(trainer.before["te"][1], models.text_encoders[1]), "--learning_rate_te2 0 freezes TE2"
+    names = trainer._trainable.group_names
+    assert names[-1] == "text_encoder1" and all(name.startswith("block") for name in names[:-1])
+    assert min(int(name[5:]) for name in names[:-1]) == 10
+    assert load_target_model(final).family.name == "sdxl"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--train_text_encoder", "--cache_text_encoder_outputs"], "--cache_text_encoder_outputs cannot be used while"),
+    (["--v2"], "--v2: sdxl_train.py trains SDXL models"),
+    (["--learning_rate", "0"], "--learning_rate 0 freezes the U-Net and no text encoder trains"),
+])
+def test_sdxl_train_bad_flags_fail_before_models_load(tiny_models, tmp_path, monkeypatch, extra, message):
+    import library.models.load as load
+
+    monkeypatch.setattr(load, "load_target_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(FlagError, match=message):
+        run(sdxl_train, "sdxl", ft_argv(tiny_models.path("sdxl"), dataset_toml(tmp_path), tmp_path / "out", *extra))
+
+
+def test_block_lr_needs_23_values_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run([sys.executable, "sdxl_train.py", "--block_lr", "1,2,3"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "expected exactly 23 comma-separated learning rates" in result.stderr
