@@ -14,7 +14,24 @@ if TYPE_CHECKING:
 PRECISIONS = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
+    """EMA of the trained weights (kohya has none; library/train/ema.py)."""
+    group = parser.add_argument_group("EMA (exponential moving average of the trained weights)")
+    group.add_argument("--use_ema", action="store_true",
+                       help="keep an fp32 EMA of the trained weights, updated after every optimizer step; every "
+                            "saved file and sample image then uses the EMA weights (validation and the "
+                            "training itself use the live ones); the EMA is part of --save_state")
+    group.add_argument("--ema_decay", type=float, default=0.9999,
+                       help="EMA decay, between 0 and 1 exclusive (default 0.9999)")
+    group.add_argument("--no_ema_warmup", action="store_true",
+                       help="use --ema_decay from the first step; by default the decay warms up as in diffusers' "
+                            "EMAModel: 0 at step 1, then min(decay, step / (step + 9))")
+    group.add_argument("--ema_device", type=str, default=None, choices=(None, "cpu"),
+                       help="cpu: keep the EMA copy in system RAM instead of beside the weights (saves GPU memory)")
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    add_ema_arguments(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--seed", type=int, default=None,
                        help="random seed for batch order, augmentation and noise (default: none, 0 for data order)")

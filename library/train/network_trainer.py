@@ -78,6 +78,13 @@ class Trainable:
     modelspec: dict = field(default_factory=dict)
     last_norm_logs: dict = field(default_factory=dict)  # --scale_weight_norms figures of the last step
     engine: Any = None  # DeepSpeed's wrapper of the network, when accelerate runs DeepSpeed
+    ema: Any = None  # --use_ema: library.train.ema.ParameterEMA of the trained weights
+
+    def ema_weights(self):
+        """A context in which the trained weights are the EMA's (saves, samples); a no-op without --use_ema."""
+        import contextlib
+
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
 
 class NetworkTrainer(ModelHooks, StepHooks):
@@ -191,6 +198,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
 
         run_setup.check_output_flags(args)
         run_setup.warn_inert_flags(args)
+        run_setup.check_ema_flags(args)
         run_setup.check_precision_flags(args)
         check_noise_and_loss_flags(args)
         check_metadata_arguments(args)
@@ -404,7 +412,15 @@ class NetworkTrainer(ModelHooks, StepHooks):
             models.unet.to(run.accelerator.device)
         logger.info("%s", network_module.describe_network(network))
         self.check_disk_space(run, network)
-        return Trainable(network, train_unet, train_text_encoder)
+        trainable = Trainable(network, train_unet, train_text_encoder)
+        if args.use_ema:
+            from library.train.ema import ParameterEMA, trainable_parameters
+
+            trainable.ema = ParameterEMA(trainable_parameters(network), decay=args.ema_decay,
+                                         warmup=not args.no_ema_warmup, device=args.ema_device)
+            logger.info("EMA of %d trained tensors, decay %g%s, kept on %s", len(trainable.ema.shadows),
+                        args.ema_decay, "" if args.no_ema_warmup else " (warm-up)", args.ema_device or "their device")
+        return trainable
 
     def check_disk_space(self, run: TrainingRun, network) -> None:
         """Before the loop: is there room in --output_dir for the saves the flags ask for?"""
@@ -491,7 +507,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
         from library.train import hub
         from library.train.training_loop import optimizer_eval_mode
 
-        with optimizer_eval_mode(trainable.optimizer):
+        with optimizer_eval_mode(trainable.optimizer), trainable.ema_weights():
             self.save_network_file(run, trainable, final, epoch=run.schedule.num_epochs)
         if accelerator.is_main_process:
             hub.upload_saved(args, final, force_sync=True)  # kohya uploads the last file synchronously
@@ -555,7 +571,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
             run.accelerator.save_state(str(folder))  # DeepSpeed's own checkpoint format, written by its engine
             return
         state_folder.save_state(run.accelerator, folder, run.progress, trainable.network, trainable.optimizer,
-                                trainable.lr_scheduler)
+                                trainable.lr_scheduler, ema=trainable.ema)
 
     def load_state(self, run: TrainingRun, trainable: Trainable, folder: Path) -> TrainProgress:
         """`--resume`: check every file of the state against this run, then restore it."""
@@ -563,7 +579,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
             run.accelerator.load_state(str(folder))
             return state_folder.read_progress(folder)
         return state_folder.load_state(run.accelerator, folder, trainable.network, trainable.optimizer,
-                                       trainable.lr_scheduler)
+                                       trainable.lr_scheduler, ema=trainable.ema)
 
 
 def _uses_deepspeed(accelerator) -> bool:

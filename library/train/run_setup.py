@@ -124,6 +124,19 @@ INERT_TRAINING_FLAGS = {
 }
 
 
+def check_ema_flags(args: argparse.Namespace) -> None:
+    """--ema_decay within (0, 1) with --use_ema; EMA settings without --use_ema are warned (they do nothing)."""
+    if getattr(args, "use_ema", False):
+        from library.train.ema import check_ema_decay
+
+        check_ema_decay(args.ema_decay)
+        return
+    given = [flag for flag, on in (("--no_ema_warmup", getattr(args, "no_ema_warmup", False)),
+                                   ("--ema_device", getattr(args, "ema_device", None))) if on]
+    if given:
+        logger.warning("%s ha%s no effect without --use_ema", ", ".join(given), "ve" if len(given) > 1 else "s")
+
+
 def warn_inert_flags(args: argparse.Namespace) -> None:
     """One warning per kohya flag given that has no effect in this trainer (INERT_TRAINING_FLAGS)."""
     for flag, reason in INERT_TRAINING_FLAGS.items():

@@ -35,6 +35,7 @@ LEGACY_NETWORK_FILES = ("custom_checkpoint_0.pkl", "pytorch_model.bin")  # our e
 OPTIMIZER_FILE = "optimizer.bin"
 SCHEDULER_FILE = "scheduler.bin"
 SCALER_FILE = "scaler.pt"
+EMA_FILE = "ema.safetensors"  # --use_ema: the shadows, with the EMA's step and settings in the metadata
 
 
 def rng_file_name(process_index: int) -> str:
@@ -67,7 +68,8 @@ def _class_path(obj: Any) -> str:
 # ---------------------------------------------------------------------------------------------------- saving
 
 
-def save_state(accelerator, folder: Path, progress: TrainProgress, network, optimizer, scheduler) -> None:
+def save_state(accelerator, folder: Path, progress: TrainProgress, network, optimizer, scheduler,
+               ema=None) -> None:
     """Write the state of every process into `folder` (all processes must call this).
 
     Raises:
@@ -84,7 +86,7 @@ def save_state(accelerator, folder: Path, progress: TrainProgress, network, opti
     parts = [main_only(lambda: _start_partial(partial)),
              lambda: _write_rng(partial / rng_file_name(accelerator.process_index)),
              main_only(lambda: _write_main_files(partial, progress, network, optimizer, scheduler,
-                                                 getattr(accelerator, "scaler", None))),
+                                                 getattr(accelerator, "scaler", None), ema)),
              main_only(lambda: _move_into_place(partial, folder))]
     for part in parts:
         _run_checked(accelerator, part, folder, partial)
@@ -107,11 +109,15 @@ def _write_rng(path: Path) -> None:
     torch.save(states, path)
 
 
-def _write_main_files(partial: Path, progress: TrainProgress, network, optimizer, scheduler, scaler) -> None:
+def _write_main_files(partial: Path, progress: TrainProgress, network, optimizer, scheduler, scaler,
+                      ema=None) -> None:
     from safetensors.torch import save_file
 
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in network.state_dict().items()}
     save_file(tensors, str(partial / NETWORK_FILE), metadata={"format": "pt"})
+    if ema is not None:
+        shadows = {key: value.detach().to("cpu").contiguous() for key, value in ema.tensors().items()}
+        save_file(shadows, str(partial / EMA_FILE), metadata={"format": "pt", "ema": json.dumps(ema.info())})
     torch.save(optimizer.state_dict(), partial / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), partial / SCHEDULER_FILE)
     if scaler is not None:
@@ -163,7 +169,7 @@ def all_processes_ok(accelerator, ok: bool) -> bool:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def load_state(accelerator, folder: str | Path, network, optimizer, scheduler) -> TrainProgress:
+def load_state(accelerator, folder: str | Path, network, optimizer, scheduler, ema=None) -> TrainProgress:
     """Check every file of a state folder against this run, then restore it; returns where to continue.
 
     Raises:
@@ -181,8 +187,15 @@ def load_state(accelerator, folder: str | Path, network, optimizer, scheduler) -
         scaler_state = _read_plain(folder / SCALER_FILE, "the fp16 gradient scaler") if scaler is not None and (
             folder / SCALER_FILE).exists() else None
         rng_state = _read_rng(folder, accelerator.process_index)
+        ema_state = _read_ema(folder) if ema is not None else None
     except ModelFormatError as error:
         raise FlagError(f"--resume {folder}: {error}") from None
+    if ema_state is not None:
+        try:
+            for line in ema.load(*ema_state):
+                logger.warning("--resume %s: %s (the flags of this run apply)", folder, line)
+        except UserInputError as error:
+            raise FlagError(f"--resume {folder}: {EMA_FILE}: {error}") from None
     _check_class(folder, record, "scheduler_class", scheduler, "--lr_scheduler")
     network.load_state_dict(network_state, strict=True)
     try:
@@ -198,6 +211,25 @@ def load_state(accelerator, folder: str | Path, network, optimizer, scheduler) -
     logger.info("resumed from %s: epoch %d, batch %d, step %d", folder, progress.epoch, progress.batch_in_epoch,
                 progress.global_step)
     return progress
+
+
+def _read_ema(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The EMA shadows and their info; a state saved without --use_ema is named as such."""
+    from safetensors import safe_open
+
+    path = folder / EMA_FILE
+    if not path.is_file():
+        raise ModelFormatError(path, "is missing: the state was saved without --use_ema (leave --use_ema out to "
+                                     "resume it, or start a new run)")
+    try:
+        with safe_open(str(path), "pt") as file:
+            info = json.loads((file.metadata() or {}).get("ema", "null"))
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelFormatError(path, f"cannot be read ({error})") from None
+    if not isinstance(info, dict):
+        raise ModelFormatError(path, "has no EMA step/settings in its metadata; not an EMA state of this tool")
+    return tensors, info
 
 
 def read_progress(folder: Path) -> TrainProgress:

@@ -154,6 +154,8 @@ def optimizer_step(trainer, run, models, trainable, window: list[dict]) -> float
     trainable.optimizer.step()
     trainable.lr_scheduler.step()
     trainable.optimizer.zero_grad(set_to_none=True)
+    if trainable.ema is not None:
+        trainable.ema.update(progress.global_step + 1)  # the step just taken (the loop counts it after this)
     trainable.last_norm_logs = _max_norm_regularization(run, trainable)
     return float(total)
 
@@ -252,7 +254,7 @@ def save_progress(trainer, run, trainable, file, state_folder, epoch: int | None
     run.accelerator.wait_for_everyone()
     from library.train import hub
 
-    with optimizer_eval_mode(trainable.optimizer):
+    with optimizer_eval_mode(trainable.optimizer), trainable.ema_weights():
         trainer.save_network_file(run, trainable, file, epoch if epoch is not None else run.progress.epoch)
     if run.accelerator.is_main_process:
         hub.upload_saved(run.args, file)
@@ -278,7 +280,7 @@ def _sample(trainer, run, models, epoch, step) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(getattr(run.accelerator, "compute_threads", threads))
     try:
-        with optimizer_eval_mode(trainer._trainable.optimizer):
+        with optimizer_eval_mode(trainer._trainable.optimizer), trainer._trainable.ema_weights():
             trainer.sample_images(run.accelerator, run.args, epoch, step, run.accelerator.device, models.vae,
                                   models.tokenizers, _encoder_arg(models), models.unet)
     finally:
