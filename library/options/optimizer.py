@@ -55,8 +55,15 @@ def _add_optimizer_choice_arguments(group: argparse._ArgumentGroup) -> None:
                        help='extra optimizer keyword arguments as key=value, values as Python literals: '
                             '"weight_decay=0.01" "betas=0.9,0.999"')
     group.add_argument("--fused_backward_pass", action="store_true",
-                       help="kohya's fused backward pass and optimizer step belongs to full fine-tuning; network "
-                            "training ignores it, as kohya's train_network.py does (a warning says so)")
+                       help="full fine-tuning (sdxl_train.py, fine_tune.py, train_db.py): update each weight "
+                            "inside backward and free its gradient at once, so the whole set of gradients never "
+                            "exists; any optimizer (bf16 weights with stochastic rounding); --max_grad_norm then "
+                            "clips each tensor on its own. Needs --gradient_accumulation_steps 1 and one process. "
+                            "Network training ignores it, as kohya's train_network.py does (warned)")
+    group.add_argument("--fused_optimizer_groups", type=int, default=None,
+                       help="full fine-tuning: split the weights into N optimizers, each stepped during backward "
+                            "as soon as its gradients are complete (kohya; 4-10 is typical; any optimizer); not "
+                            "with --fused_backward_pass. Network training ignores it (warned)")
 
 
 def _add_scheduler_arguments(group: argparse._ArgumentGroup) -> None:

@@ -81,6 +81,21 @@ class FineTuning:
             value = getattr(args, name, None)
             if value is not None and not 0.0 <= value <= 100.0:
                 raise FlagError(f"--{name} {value}: expected a learning rate from 0 to 100")
+        if args.fused_backward_pass and args.fused_optimizer_groups:
+            raise FlagError("--fused_backward_pass and --fused_optimizer_groups are two ways of stepping during "
+                            "backward; give one of them")
+        fused = "--fused_backward_pass" if args.fused_backward_pass else (
+            "--fused_optimizer_groups" if args.fused_optimizer_groups else None)
+        if args.fused_optimizer_groups is not None and args.fused_optimizer_groups < 1:
+            raise FlagError(f"--fused_optimizer_groups {args.fused_optimizer_groups}: expected a number of groups "
+                            "of at least 1")
+        if fused and args.gradient_accumulation_steps > 1:
+            raise FlagError(f"{fused} updates the weights during each backward pass, so it cannot accumulate "
+                            f"gradients (--gradient_accumulation_steps {args.gradient_accumulation_steps}); use "
+                            "a larger batch or leave it out")
+        if fused and args.mixed_precision == "fp16":
+            raise FlagError(f"{fused} with --mixed_precision fp16: the loss scaler's gradients would be applied "
+                            "unscaled; use bf16 or no")
         if getattr(args, "no_token_padding", False):
             logger.warning("--no_token_padding has no effect (kohya's v0.10 does not read it either)")
         if args.save_model_as is None:
@@ -89,6 +104,27 @@ class FineTuning:
                 "diffusers_safetensors" if args.use_safetensors else "diffusers")
             if args.use_safetensors and args.save_model_as == "ckpt":
                 args.save_model_as = "safetensors"
+
+    def create_optimizer(self, args, optimizer_type: str, groups: list[dict], optimizer_args: dict):
+        """With --fused_backward_pass / --fused_optimizer_groups: optimizers that step inside backward."""
+        if not (args.fused_backward_pass or args.fused_optimizer_groups):
+            return super().create_optimizer(args, optimizer_type, groups, optimizer_args)
+        from library.train.fused_backward import FusedOptimizer, OptimizerFactory
+        from library.train.optimizers import uses_relative_step
+
+        if self._run.accelerator.num_processes > 1:
+            raise FlagError("--fused_backward_pass / --fused_optimizer_groups run on one process (each weight is "
+                            "updated before gradients could be averaged across processes)")
+        factory = OptimizerFactory(optimizer_type, args.learning_rate, optimizer_args)
+        optimizer = FusedOptimizer(groups, factory, max_grad_norm=args.max_grad_norm or 0.0,
+                                   num_groups=args.fused_optimizer_groups)
+        if uses_relative_step(optimizer.inner_optimizers[0]):
+            raise FlagError("--fused_backward_pass with a relative-step AdaFactor: give explicit rates, e.g. "
+                            "--optimizer_args scale_parameter=False relative_step=False warmup_init=False")
+        how = "per tensor" if args.fused_backward_pass else f"in {len(optimizer.inner_optimizers)} groups"
+        logger.info("fused backward pass: %s stepped inside backward %s; --max_grad_norm clips each tensor",
+                    factory.class_path, how)
+        return factory.class_path, factory.description, optimizer
 
     def check_network_arguments(self, args) -> None:
         """No network here; the learning rates are checked as in network training."""

@@ -447,7 +447,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
     def build_optimizer(self, run: TrainingRun, models: LoadedModels, trainable: Trainable) -> None:
         from library.train.lr_schedulers import get_scheduler
         from library.train.metadata import training_metadata
-        from library.train.optimizers import get_optimizer, parse_optimizer_args, resolve_optimizer_type
+        from library.train.optimizers import parse_optimizer_args, resolve_optimizer_type
 
         args, accelerator, schedule = run.args, run.accelerator, run.schedule
         groups, trainable.group_names = network_module.optimizer_param_groups(
@@ -457,8 +457,8 @@ class NetworkTrainer(ModelHooks, StepHooks):
             raise FlagError(f"--network_module {args.network_module}: no parameter would train (the network has "
                             "no modules for the parts being trained, or their learning rates are 0)")
         optimizer_type = resolve_optimizer_type(args.optimizer_type, args.use_8bit_adam, args.use_lion_optimizer)
-        class_path, arguments, optimizer = get_optimizer(optimizer_type, groups, args.learning_rate,
-                                                         parse_optimizer_args(args.optimizer_args))
+        class_path, arguments, optimizer = self.create_optimizer(args, optimizer_type, groups,
+                                                                 parse_optimizer_args(args.optimizer_args))
         trainable.optimizer_description = class_path + (f"({arguments})" if arguments else "")
         lr_scheduler = get_scheduler(
             args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -494,6 +494,12 @@ class NetworkTrainer(ModelHooks, StepHooks):
             lr_warmup_steps=warmup, num_processes=accelerator.num_processes)
         self.update_metadata(trainable.metadata, args)
         trainable.modelspec = self.get_sai_model_spec(args)
+
+    def create_optimizer(self, args, optimizer_type: str, groups: list[dict], optimizer_args: dict):
+        """(class path, arguments, optimizer) of --optimizer_type over the param groups."""
+        from library.train.optimizers import get_optimizer
+
+        return get_optimizer(optimizer_type, groups, args.learning_rate, optimizer_args)
 
     def loop(self, run: TrainingRun, models: LoadedModels, trainable: Trainable) -> None:
         from library.train.training_loop import run_training_loop

@@ -34,9 +34,10 @@ def check_network_flags(args: argparse.Namespace, text_encoder_count: int) -> No
         logger.warning("--text_encoder_lr got %d values but this model has %d text encoder(s); using %s",
                        len(args.text_encoder_lr), text_encoder_count, " ".join(f"{value:g}" for value in used))
         args.text_encoder_lr = used
-    if getattr(args, "fused_backward_pass", False):
-        logger.warning("--fused_backward_pass has no effect on network training (kohya uses it in full "
-                       "fine-tuning only); ignored")
+    for flag in ("fused_backward_pass", "fused_optimizer_groups"):
+        if getattr(args, flag, None):
+            logger.warning("--%s has no effect on network training (kohya uses it in full fine-tuning only); "
+                           "ignored", flag)
     if args.base_weights_multiplier and len(args.base_weights_multiplier) != len(args.base_weights or []):
         raise FlagError(f"--base_weights_multiplier got {len(args.base_weights_multiplier)} values for "
                         f"{len(args.base_weights or [])} --base_weights files; give one per file")

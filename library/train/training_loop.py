@@ -149,7 +149,7 @@ def optimizer_step(trainer, run, models, trainable, window: list[dict]) -> float
         trainable.optimizer.zero_grad(set_to_none=True)
         _stop_on_bad_loss(run, float(total))
     trainer.all_reduce_network(accelerator, network)
-    if args.max_grad_norm:
+    if args.max_grad_norm and not _steps_in_backward(trainable.optimizer):
         accelerator.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm)
     trainable.optimizer.step()
     trainable.lr_scheduler.step()
@@ -158,6 +158,14 @@ def optimizer_step(trainer, run, models, trainable, window: list[dict]) -> float
         trainable.ema.update(progress.global_step + 1)  # the step just taken (the loop counts it after this)
     trainable.last_norm_logs = _max_norm_regularization(run, trainable)
     return float(total)
+
+
+def _steps_in_backward(optimizer) -> bool:
+    """--fused_backward_pass / --fused_optimizer_groups: the weights were updated (and each tensor's gradient
+    clipped and freed) inside backward; step() only finishes what is left."""
+    from library.train.fused_backward import FusedOptimizer
+
+    return isinstance(getattr(optimizer, "optimizer", optimizer), FusedOptimizer)
 
 
 def _micro_batch_loss(trainer, run, models, trainable, batch: dict, is_train: bool) -> torch.Tensor:

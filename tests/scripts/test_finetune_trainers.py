@@ -214,3 +214,64 @@ def test_block_lr_needs_23_values_exit_code_2(tmp_path):
     result = subprocess.run([sys.executable, "sdxl_train.py", "--block_lr", "1,2,3"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode == 2 and "expected exactly 23 comma-separated learning rates" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ fused backward
+
+
+def _final_model(out: Path) -> dict[str, torch.Tensor]:
+    file = TensorFile(out / "model.safetensors")
+    return {key: file.get(key) for key in file.keys()}
+
+
+@pytest.fixture(scope="module")
+def unfused_db(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("unfused")
+    run(train_db, "db", ft_argv(tiny_models.path("sd1"), dataset_toml(root), root / "out", "--max_grad_norm", "0"))
+    return root
+
+
+@pytest.mark.parametrize("fused", [["--fused_backward_pass"], ["--fused_optimizer_groups", "3"]])
+def test_fused_steps_inside_backward_equal_the_unfused_run(tiny_models, tmp_path, unfused_db, fused):
+    trainer, _ = run(train_db, "db", ft_argv(tiny_models.path("sd1"), dataset_toml(tmp_path), tmp_path / "out",
+                                              "--max_grad_norm", "0", *fused))
+    from library.train.fused_backward import FusedOptimizer
+
+    assert isinstance(trainer._trainable.optimizer.optimizer, FusedOptimizer)
+    expected, got = _final_model(unfused_db / "out"), _final_model(tmp_path / "out")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(got[key], TensorFile(tiny_models.path("sd1")).get(key)) for key in got)
+
+
+def test_fused_bf16_weights_train_and_a_fused_state_resumes_exactly(tiny_models, tmp_path):
+    import shutil
+
+    model, toml = tiny_models.path("sd1"), dataset_toml(tmp_path)
+    common = ["--fused_backward_pass", "--mixed_precision", "bf16", "--full_bf16", "--max_train_steps", "2",
+              "--save_every_n_steps", "1", "--save_state", "--optimizer_type", "AdamW8bit",
+              "--optimizer_args", "min_8bit_size=16"]
+    trainer, final = run(train_db, "db", ft_argv(model, toml, tmp_path / "full", *common))
+    assert {p.dtype for p in trainer._trainable.network.get_trainable_params()} == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(trainer.loss_history)))
+    assert changed(trainer.before["unet"], trainer._models.unet)
+    state = "model-step00000001-state"
+    shutil.copytree(tmp_path / "full" / state, tmp_path / "resumed" / state)
+    run(train_db, "db", ft_argv(model, toml, tmp_path / "resumed", *common, "--resume",
+                                str(tmp_path / "resumed" / state)))
+    expected, got = _final_model(tmp_path / "full"), _final_model(tmp_path / "resumed")
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--fused_backward_pass", "--gradient_accumulation_steps", "2"], "cannot accumulate gradients"),
+    (["--fused_backward_pass", "--fused_optimizer_groups", "4"], "two ways of stepping during backward"),
+    (["--fused_optimizer_groups", "0"], "expected a number of groups of at least 1"),
+])
+def test_fused_flag_conflicts_fail_before_models_load(tiny_models, tmp_path, monkeypatch, extra, message):
+    import library.models.load as load
+
+    monkeypatch.setattr(load, "load_target_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(FlagError, match=message):
+        run(train_db, "db", ft_argv(tiny_models.path("sd1"), dataset_toml(tmp_path), tmp_path / "out", *extra))
