@@ -50,7 +50,7 @@ def trainer_class(kind: str) -> type:
         base, families = sdxl_train_network.SdxlNetworkTrainer, ("sdxl",)
         attributes = {"script_name": "sdxl_train.py", "dataset_kinds": ("finetune", "dreambooth")}
     else:
-        base, families = NetworkTrainer, ("sd1", "sd2")
+        base, families = NetworkTrainer, NetworkTrainer.supported_families
         attributes = {"script_name": "train_db.py", "dataset_kinds": ("dreambooth",), "dreambooth": True,
                       "tracker_name": "dreambooth"} if kind == "db" else {}
     name = {"sdxl": "SdxlFineTuneTrainer", "db": "DreamBoothTrainer"}.get(kind, "FineTuneTrainer")

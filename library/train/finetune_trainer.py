@@ -62,11 +62,14 @@ class FineTuning:
         else:
             rates = (args.learning_rate_te,)
         te_lrs = tuple((args.learning_rate if rate is None else rate) if te_trains else None for rate in rates)
-        block_lrs = tuple(args.block_lr) if getattr(args, "block_lr", None) else None
+        block_lrs = tuple(args.block_lr) if isinstance(getattr(args, "block_lr", None), list) else None
         return TrainPlan(unet_lr=args.learning_rate, text_encoder_lrs=te_lrs, block_lrs=block_lrs,
                          freeze_te1_last_layer=len(rates) == 2)
 
     def _check_finetune_flags(self, args: argparse.Namespace, plan: TrainPlan) -> None:
+        if isinstance(getattr(args, "block_lr", None), str):
+            raise FlagError(f"--block_lr: per-block learning rates number SDXL's U-Net blocks; use sdxl_train.py "
+                            f"(for {self.script_name}, --learning_rate sets the U-Net's rate)")
         if getattr(args, "v2", False) and len(plan.text_encoder_lrs) == 2:
             raise FlagError("--v2: sdxl_train.py trains SDXL models; SD2 models are fine-tuned with fine_tune.py or "
                             "train_db.py")

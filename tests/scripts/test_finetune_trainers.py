@@ -159,6 +159,24 @@ def test_fine_tune_trains_the_unet_only_and_saves_a_diffusers_folder(tiny_models
     assert all(torch.equal(value, unet[key].cpu()) for key, value in reloaded.unet.state_dict().items())
 
 
+def test_fine_tune_sd2_v_trains_with_v_prediction(tiny_models, tmp_path):
+    trainer, final = run(fine_tune, "sd", ft_argv(tiny_models.path("sd2-v"), metadata_toml(tmp_path), tmp_path / "out",
+                                                  "--train_text_encoder", "--learning_rate_te", "1e-4"))
+    assert trainer._models.noise_scheduler.config.prediction_type == "v_prediction"
+    assert changed(trainer.before["te"][0], trainer._models.text_encoders[0])
+    assert [group["lr"] for group in trainer._trainable.optimizer.param_groups] == [1e-3, 1e-4]
+    assert load_target_model(final).family.name == "sd2-v"
+    extra_source_keys = set(TensorFile(tiny_models.path("sd2-v")).keys())
+    assert extra_source_keys == set(TensorFile(final).keys())  # SD2's unused last text layer is kept
+
+
+def test_block_lr_on_sd1_is_refused(tiny_models, tmp_path):
+    with pytest.raises(FlagError, match="--block_lr: per-block learning rates number SDXL's U-Net blocks; use "
+                                        "sdxl_train.py"):
+        run(fine_tune, "sd", ft_argv(tiny_models.path("sd1"), metadata_toml(tmp_path), tmp_path / "out",
+                                     "--block_lr", ",".join(["1e-4"] * 23)))
+
+
 def test_fine_tune_refuses_dreambooth_folders_and_sdxl_models(tiny_models, tmp_path):
     with pytest.raises(UserInputError, match=r"is a DreamBooth dataset; fine_tune.py trains on fine-tuning "
                                              r"datasets \(use train_db.py\)"):
@@ -173,9 +191,15 @@ BLOCK_LRS = ["0"] * 10 + ["1e-3"] * 13  # embeddings and input blocks frozen; mi
 
 
 def test_sdxl_train_block_lr_zero_blocks_and_te1_last_layer_stay_frozen(tiny_models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red boot --w 64 --h 64 --s 2 --d 1\n", encoding="utf-8")
+    toml = dataset_toml(tmp_path, batch_size=3, extra="validation_split = 0.25")
     trainer, final = run(sdxl_train, "sdxl", ft_argv(
-        tiny_models.path("sdxl"), dataset_toml(tmp_path), tmp_path / "out", "--train_text_encoder",
-        "--learning_rate_te2", "0", "--block_lr", ",".join(BLOCK_LRS), "--max_train_steps", "1"))
+        tiny_models.path("sdxl"), toml, tmp_path / "out", "--train_text_encoder",
+        "--learning_rate_te2", "0", "--block_lr", ",".join(BLOCK_LRS), "--max_train_steps", "1",
+        "--sample_prompts", str(prompts), "--sample_every_n_steps", "1", "--validate_every_n_steps", "1"))
+    assert list((tmp_path / "out" / "sample").glob("*.png")), "sample images as in LoRA training"
+    assert trainer.validation_history and all(value == value for value in trainer.validation_history)
     models = trainer._models
     unet_changed = changed(trainer.before["unet"], models.unet)
     frozen_prefixes = ("time_embedding.", "add_embedding.", "conv_in.", "down_blocks.")
@@ -275,3 +299,35 @@ def test_fused_flag_conflicts_fail_before_models_load(tiny_models, tmp_path, mon
     monkeypatch.setattr(load, "load_target_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(FlagError, match=message):
         run(train_db, "db", ft_argv(tiny_models.path("sd1"), dataset_toml(tmp_path), tmp_path / "out", *extra))
+
+
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_models, tmp_path):
+    """DDP through accelerate launch: 2 processes × batch 1 = 1 process × batch 1 × accumulation 2."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.scripts.test_cache_tools import free_port
+
+    model, toml = tiny_models.path("sd1"), dataset_toml(tmp_path, batch_size=1)
+    common = ["--max_train_steps", "1", "--optimizer_type", "SGD", "--learning_rate", "0.05",
+              "--stop_text_encoder_training", "-1"]
+    run(train_db, "db", ft_argv(model, toml, tmp_path / "single", *common, "--gradient_accumulation_steps", "2"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "train_db.py", *ft_argv(model, toml, tmp_path / "ddp", *common)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "batch accumulation 1, 2 process(es)" in output
+    single, ddp = _final_model(tmp_path / "single"), _final_model(tmp_path / "ddp")
+    source = TensorFile(model)
+    unet_keys = [key for key in single if key.startswith("model.diffusion_model.")]
+    moved = max(float((single[key].float() - source.get(key).float()).abs().max()) for key in unet_keys)
+    worst = max(float((ddp[key].float() - single[key].float()).abs().max()) for key in unet_keys)
+    # one step: the same samples, noise and averaged gradient, so only the summation order differs (measured
+    # ~2e-7 against moves of ~1e-3). Over more steps a whole tiny random U-Net at lr 0.05 amplifies that rounding
+    # chaotically (measured: differences of 70% of the largest move after 3 steps).
+    assert moved > 1e-4 and worst < 1e-3 * moved, (worst, moved)
