@@ -178,10 +178,21 @@ def make_accelerator(args: argparse.Namespace):
     plugin = deepspeed_plugin(args)
     _forget_previous_run_settings(args.mixed_precision)
     try:
-        return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
-                           project_dir=run_logging_dir(args), kwargs_handlers=handlers, deepspeed_plugin=plugin)
+        accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with,
+                                  project_dir=run_logging_dir(args), kwargs_handlers=handlers, deepspeed_plugin=plugin)
     except ValueError as error:
         raise FlagError(f"--mixed_precision {args.mixed_precision}: {error}") from error
+    check_distributed_type(accelerator)
+    return accelerator
+
+
+def check_distributed_type(accelerator) -> None:
+    """accelerate's FSDP needs the trained model wrapped by accelerator.prepare; this trainer averages gradients
+    itself (one collective per step), so an FSDP config would silently train unsharded copies: refused."""
+    kind = str(getattr(accelerator, "distributed_type", ""))
+    if kind.upper().endswith("FSDP"):
+        raise FlagError("accelerate config: FSDP is not supported by this trainer yet (it would train an unsharded "
+                        "copy on every GPU); use DeepSpeed ZeRO (--deepspeed --zero_stage 2) or plain multi-GPU")
 
 
 def torch_compile_kwargs(args: argparse.Namespace) -> dict:

@@ -165,3 +165,13 @@ def test_flags_without_effect_here_are_warned_once_each(caplog):
     caplog.clear()
     run_setup.warn_inert_flags(train_network.setup_parser().parse_args([]))
     assert not caplog.records
+
+
+def test_an_fsdp_accelerate_config_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(FlagError, match="FSDP is not supported by this trainer yet"):
+        run_setup.check_distributed_type(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    run_setup.check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
