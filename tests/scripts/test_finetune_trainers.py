@@ -331,3 +331,17 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_mod
     # ~2e-7 against moves of ~1e-3). Over more steps a whole tiny random U-Net at lr 0.05 amplifies that rounding
     # chaotically (measured: differences of 70% of the largest move after 3 steps).
     assert moved > 1e-4 and worst < 1e-3 * moved, (worst, moved)
+
+
+def test_sdxl_train_with_cached_text_encoder_outputs_saves_a_bf16_pipeline_folder(tiny_models, tmp_path):
+    trainer, final = run(sdxl_train, "sdxl", ft_argv(
+        tiny_models.path("sdxl"), dataset_toml(tmp_path), tmp_path / "out", "--cache_latents",
+        "--cache_text_encoder_outputs", "--save_model_as", "diffusers_safetensors", "--save_precision", "bf16",
+        "--max_train_steps", "1"))
+    assert trainer._trainable.group_names == ["unet"]
+    assert all(not changed(before, encoder) for before, encoder in zip(trainer.before["te"],
+                                                                       trainer._models.text_encoders))
+    assert final.is_dir() and list((final / "unet").glob("*.safetensors"))
+    assert load_target_model(final).family.name == "sdxl"
+    unet_file = TensorFile(next((final / "unet").glob("*.safetensors")))
+    assert {unet_file.get(key).dtype for key in unet_file.keys()} == {torch.bfloat16}  # --save_precision bf16
