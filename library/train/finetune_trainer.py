@@ -45,8 +45,6 @@ class FineTuning:
         plan = self.train_plan(args)
         args.network_train_text_encoder_only = not plan.trains_unet
         args.network_train_unet_only = not any(plan.text_encoder_flags)
-        # the shared learning-rate check sees the rates that apply (the FullModel makes the groups itself)
-        args.text_encoder_lr = [lr for lr in plan.text_encoder_lrs if lr is not None] or None
         self._plan = plan
         self._check_finetune_flags(args, plan)
         run = super().prepare_run(args)
@@ -80,7 +78,7 @@ class FineTuning:
                             + ("" if self.dreambooth else " (no --train_text_encoder)"))
         if not plan.trains_unet and not any(plan.text_encoder_flags):
             raise FlagError("--learning_rate 0 freezes the U-Net and no text encoder trains: nothing to train")
-        for name in ("learning_rate_te", "learning_rate_te1", "learning_rate_te2"):
+        for name in ("learning_rate", "learning_rate_te", "learning_rate_te1", "learning_rate_te2"):
             value = getattr(args, name, None)
             if value is not None and not 0.0 <= value <= 100.0:
                 raise FlagError(f"--{name} {value}: expected a learning rate from 0 to 100")
@@ -130,10 +128,7 @@ class FineTuning:
         return factory.class_path, factory.description, optimizer
 
     def check_network_arguments(self, args) -> None:
-        """No network here; the learning rates are checked as in network training."""
-        from library.train.run_setup import check_learning_rates
-
-        check_learning_rates(args)
+        """No network here: the rates were checked with the train plan (_check_finetune_flags)."""
 
     def _check_dataset_kinds(self, args: argparse.Namespace) -> None:
         """fine_tune.py takes fine-tuning (metadata) datasets, train_db.py DreamBooth ones (TRAINERS §2.1)."""
