@@ -58,7 +58,8 @@ def _add_optimizer_choice_arguments(group: argparse._ArgumentGroup) -> None:
                        help="full fine-tuning (sdxl_train.py, fine_tune.py, train_db.py): update each weight "
                             "inside backward and free its gradient at once, so the whole set of gradients never "
                             "exists; any optimizer (bf16 weights with stochastic rounding); --max_grad_norm then "
-                            "clips each tensor on its own. Needs --gradient_accumulation_steps 1 and one process. "
+                            "clips each tensor on its own; a NaN loss stops the run after its step was applied (the last save "
+                            "is kept). Needs --gradient_accumulation_steps 1 and one process. "
                             "Network training ignores it, as kohya's train_network.py does (warned)")
     group.add_argument("--fused_optimizer_groups", type=int, default=None,
                        help="full fine-tuning: split the weights into N optimizers, each stepped during backward "

@@ -147,7 +147,7 @@ def optimizer_step(trainer, run, models, trainable, window: list[dict]) -> float
     # one host sync per step (the GPU runs ahead until here); a bad loss stops before the update is applied
     if not torch.isfinite(total):
         trainable.optimizer.zero_grad(set_to_none=True)
-        _stop_on_bad_loss(run, float(total))
+        _stop_on_bad_loss(run, float(total), fused=_steps_in_backward(trainable.optimizer))
     trainer.all_reduce_network(accelerator, network)
     if args.max_grad_norm and not _steps_in_backward(trainable.optimizer):
         accelerator.clip_grad_norm_(network.get_trainable_params(), args.max_grad_norm)
@@ -219,10 +219,12 @@ def _max_norm_regularization(run, trainable) -> dict:
             "max_norm/max_key_norm": maximum}
 
 
-def _stop_on_bad_loss(run, value: float) -> None:
+def _stop_on_bad_loss(run, value: float, fused: bool = False) -> None:
     last = "the last save in " + str(run.args.output_dir) if run.args.output_dir else "no file"
+    applied = "its update was already applied inside backward (fused), nothing more is saved" if fused else \
+        "the weights of this step were not applied"
     raise TrainingStopped(f"loss became {value} at step {run.progress.global_step + 1} (epoch {run.progress.epoch}); "
-                          f"training stopped and the weights of this step were not applied ({last} is intact). "
+                          f"training stopped and {applied} ({last} is intact). "
                           "Try a lower --learning_rate, --no_half_vae, or --mixed_precision bf16 instead of fp16")
 
 
