@@ -27,7 +27,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser = fine_tune.setup_parser(sdxl=True)
     parser.description = __doc__
     parser.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                        help="accepted for kohya compatibility (tensors are always read one at a time)")
+                        help="no effect here (warned at start): tensors are always read one at a time")
     return parser
 
 

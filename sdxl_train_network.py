@@ -79,7 +79,7 @@ def __getattr__(name: str):
 def setup_parser() -> argparse.ArgumentParser:
     parser = train_network.setup_parser()
     parser.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                        help="accepted for kohya compatibility (tensors are always read one at a time)")
+                        help="no effect here (warned at start): tensors are always read one at a time")
     return parser
 
 

@@ -122,6 +122,7 @@ INERT_TRAINING_FLAGS = {
                                    "averaged once per step by all_reduce_network)",
     "ddp_static_graph": "the network is not wrapped in DistributedDataParallel (its gradients are averaged once "
                         "per step by all_reduce_network)",
+    "disable_mmap_load_safetensors": "model files are always read tensor by tensor (SDXL scripts' flag)",
 }
 
 

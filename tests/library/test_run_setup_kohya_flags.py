@@ -165,6 +165,10 @@ def test_flags_without_effect_here_are_warned_once_each(caplog):
     caplog.clear()
     run_setup.warn_inert_flags(train_network.setup_parser().parse_args([]))
     assert not caplog.records
+    import sdxl_train_network
+
+    run_setup.warn_inert_flags(sdxl_train_network.setup_parser().parse_args(["--disable_mmap_load_safetensors"]))
+    assert [record.getMessage().split(" ")[0] for record in caplog.records] == ["--disable_mmap_load_safetensors"]
 
 
 def test_an_fsdp_accelerate_config_is_refused_in_one_line():
