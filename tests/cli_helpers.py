@@ -1,5 +1,8 @@
-"""Running a script's `main` as its command line does, for tests of bad input."""
+"""Running a script's `main` as its command line does, for tests of bad input; collecting log records."""
 from __future__ import annotations
+
+import contextlib
+import logging
 
 import pytest
 
@@ -15,3 +18,24 @@ def run_error(main, argv: list[str], capsys) -> str:
     lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
     assert lines and "error: " in lines[-1], lines
     return lines[-1]
+
+
+@contextlib.contextmanager
+def captured_logs():
+    """Every log record (INFO and up) while the block runs: caplog is per test, while shared training runs are
+    per module."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    root = logging.getLogger()
+    handler, level = Collect(logging.INFO), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

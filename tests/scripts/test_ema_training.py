@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from library.errors import FlagError
-from library.models.state_dict_io import TensorFile
 from library.train.network_trainer import NetworkTrainer
+from tests.cli_helpers import captured_logs
 from tests.scripts.test_train_network import base_argv, dataset_toml, run_sd
 
-EMA_FLAGS = ("--use_ema", "--ema_decay", "0.5", "--no_ema_warmup", "--optimizer_type", "AdamW")
+EMA_FLAGS = ("--use_ema", "--ema_decay", "0.5", "--no_ema_warmup", "--ema_device", "cpu", "--optimizer_type", "AdamW")
 
 
 class WeightRecorder(NetworkTrainer):
@@ -35,7 +35,9 @@ def lora_ema_run(tiny_models, tmp_path_factory):
     out = root / "out"
     argv = base_argv(tiny_models.path("sd1"), dataset_toml(root, batch_size=2), out, "--max_train_steps", "3",
                      "--save_every_n_steps", "1", "--save_state", *EMA_FLAGS)
-    trainer, final = run_sd(argv, WeightRecorder)
+    with captured_logs() as records:
+        trainer, final = run_sd(argv, WeightRecorder)
+    trainer.log_lines = [record.getMessage() for record in records]
     return trainer, final, root, argv
 
 
@@ -51,6 +53,9 @@ def test_saved_lora_is_the_ema_of_the_weights_after_each_step(lora_ema_run):
     assert expected.keys() <= saved.keys()
     for name, value in expected.items():
         torch.testing.assert_close(saved[name], value, rtol=0, atol=1e-6)
+    assert any("EMA of" in line and "kept on cpu" in line for line in trainer.log_lines)  # --ema_device cpu
+    assert all(shadow.device.type == "cpu" and shadow.dtype == torch.float32
+               for shadow in trainer._trainable.ema.shadows.values())
     # training went on with the live weights: they are not the EMA
     assert any(not torch.allclose(saved[name], live[name].float()) for name in expected)
 
@@ -106,4 +111,3 @@ def test_full_fine_tune_saves_the_ema_unet(tiny_models, tmp_path):
     for name, shadow in shadows.items():
         torch.testing.assert_close(saved[name[len("unet."):]], shadow, rtol=0, atol=0)
     assert any(not torch.equal(saved[key], live[key]) for key in saved)
-    assert TensorFile(final).keys()

@@ -139,6 +139,24 @@ def test_train_db_resumed_twice_equals_an_uninterrupted_run(tiny_models, tmp_pat
         previous = out
 
 
+def test_use_safetensors_names_the_output_and_no_token_padding_is_warned(tiny_models, tmp_path, caplog):
+    import logging
+
+    from library.config_file import parse_args_with_config
+
+    args = parse_args_with_config(train_db.setup_parser(), ft_argv(
+        tiny_models.path("sd1", "ckpt"), dataset_toml(tmp_path), tmp_path / "out", "--use_safetensors",
+        "--no_token_padding"))
+    with caplog.at_level(logging.WARNING):
+        run_ = fine_tune.trainer_class("db")().prepare_run(args)
+    assert args.save_model_as == "safetensors"  # a .ckpt source saves as safetensors with --use_safetensors
+    assert run_.names.last_file() == tmp_path / "out" / "model.safetensors"
+    assert "--no_token_padding has no effect" in caplog.text
+    plain = parse_args_with_config(train_db.setup_parser(), ft_argv(
+        tiny_models.path("sd1", "ckpt"), dataset_toml(tmp_path), tmp_path / "out2"))
+    assert fine_tune.trainer_class("db")().prepare_run(plain).names.last_file().suffix == ".ckpt"
+
+
 def test_train_db_refuses_a_fine_tuning_dataset(tiny_models, tmp_path):
     with pytest.raises(UserInputError, match=r"datasets\[0\] .* is a fine-tuning dataset; train_db.py trains on "
                                              r"DreamBooth datasets \(use fine_tune.py\)"):
@@ -196,7 +214,8 @@ def test_sdxl_train_block_lr_zero_blocks_and_te1_last_layer_stay_frozen(tiny_mod
     toml = dataset_toml(tmp_path, batch_size=3, extra="validation_split = 0.25")
     trainer, final = run(sdxl_train, "sdxl", ft_argv(
         tiny_models.path("sdxl"), toml, tmp_path / "out", "--train_text_encoder",
-        "--learning_rate_te2", "0", "--block_lr", ",".join(BLOCK_LRS), "--max_train_steps", "1",
+        "--learning_rate_te1", "5e-4", "--learning_rate_te2", "0", "--block_lr", ",".join(BLOCK_LRS),
+        "--max_train_steps", "1",
         "--sample_prompts", str(prompts), "--sample_every_n_steps", "1", "--validate_every_n_steps", "1"))
     assert list((tmp_path / "out" / "sample").glob("*.png")), "sample images as in LoRA training"
     assert trainer.validation_history and all(value == value for value in trainer.validation_history)
@@ -212,6 +231,7 @@ def test_sdxl_train_block_lr_zero_blocks_and_te1_last_layer_stay_frozen(tiny_mod
     assert not changed(trainer.before["te"][1], models.text_encoders[1]), "--learning_rate_te2 0 freezes TE2"
     names = trainer._trainable.group_names
     assert names[-1] == "text_encoder1" and all(name.startswith("block") for name in names[:-1])
+    assert trainer._trainable.optimizer.param_groups[-1]["lr"] == pytest.approx(5e-4)  # --learning_rate_te1
     assert min(int(name[5:]) for name in names[:-1]) == 10
     assert load_target_model(final).family.name == "sdxl"
 

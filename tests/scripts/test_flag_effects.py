@@ -3,7 +3,6 @@
 logging folders. A few shared runs (module fixtures) carry several flags whose effects do not interfere."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 import sdxl_train_network
 import train_network
 from library.errors import FlagError
+from tests.cli_helpers import captured_logs
 from tests.scripts.test_train_network import base_argv, dataset_toml, run_sd
 
 RECORDING_OPTIMIZER = "tests.scripts.recording_optimizer.RecordingSGD"
@@ -28,25 +28,6 @@ DATASET_MULTIPLIER = 0.5  # the dataset's network_multiplier key
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-@contextlib.contextmanager
-def captured_logs():
-    """Every log record (INFO and up) while the block runs; caplog is per test, the runs here are per module."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    root = logging.getLogger()
-    handler, level = Collect(logging.INFO), root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def messages(records, level=logging.INFO) -> list[str]:

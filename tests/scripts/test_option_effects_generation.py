@@ -4,7 +4,6 @@ the order of the prompts, the U-Net's memory format, the VAE's tiling, the metad
 shared runs carry several flags whose effects do not interfere."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -18,31 +17,12 @@ from safetensors.torch import load_file, save_file
 
 import gen_img
 import sdxl_gen_img
-from tests.cli_helpers import run_error
+from tests.cli_helpers import captured_logs, run_error
 from tests.scripts.test_gen_img import generate, make_lora_file, pixels
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a white star"]
 SHUFFLE_SEED = 5
 SHOWN_COMMENT = "shown by --network_show_meta"
-
-
-@contextlib.contextmanager
-def captured_logs():
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    root = logging.getLogger()
-    handler, level = Collect(logging.INFO), root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 @dataclass

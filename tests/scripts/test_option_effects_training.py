@@ -5,7 +5,6 @@ attention processors, the conditioning the U-Net received. Two shared runs carry
 interfere; the flags a CPU cannot serve show their one-line refusal before any model loads."""
 from __future__ import annotations
 
-import contextlib
 import importlib.machinery
 import logging
 import os
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 
 import train_network
 from library.errors import FlagError
-from tests.cli_helpers import run_error
+from tests.cli_helpers import captured_logs, run_error
 from tests.scripts.test_train_network import base_argv, dataset_toml, run_sd
 
 WEIGHTED_CAPTION = "(red:1.5) boot"
@@ -35,25 +34,6 @@ METADATA_FLAGS = {"--training_comment": "trained by a test", "--metadata_descrip
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-@contextlib.contextmanager
-def captured_logs():
-    """Every log record (INFO and up) while the block runs (caplog is per test, the runs here per module)."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    root = logging.getLogger()
-    handler, level = Collect(logging.INFO), root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield records
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 def metadata_of(path: Path) -> dict:
