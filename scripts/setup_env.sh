@@ -11,12 +11,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 py=.venv/bin/python
 stamp=.venv/.sdtk-installed
-want="$(cat requirements.txt requirements-dev.txt requirements-cpu.txt | sha256sum | cut -c1-16)"
+want="$(cat requirements.txt requirements-dev.txt requirements-cpu.txt requirements-deepspeed.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1
   if ! "$py" -c "import torch" >/dev/null 2>&1; then
     "$py" -m pip install -q -r requirements-cpu.txt
   fi
   "$py" -m pip install -q -r requirements-dev.txt
+  "$py" -m pip install -q --no-build-isolation -r requirements-deepspeed.txt
   echo "$want" > "$stamp"
 fi

@@ -94,6 +94,9 @@ class FineTuning:
             raise FlagError(f"{fused} updates the weights during each backward pass, so it cannot accumulate "
                             f"gradients (--gradient_accumulation_steps {args.gradient_accumulation_steps}); use "
                             "a larger batch or leave it out")
+        if fused and getattr(args, "deepspeed", False):
+            raise FlagError(f"{fused} and --deepspeed both own the optimizer step (DeepSpeed's engine steps after "
+                            "backward); give one of them")
         if fused and args.mixed_precision == "fp16":
             raise FlagError(f"{fused} with --mixed_precision fp16: the loss scaler's gradients would be applied "
                             "unscaled; use bf16 or no")
@@ -183,6 +186,14 @@ class FineTuning:
                         self._run.progress.global_step + 1)
             network.stop_text_encoder_training()
             self._trainable.train_text_encoder = False
+
+    def generate_step_logs(self, args, current_loss, avr_loss, lr_scheduler, lr_descriptions, *rest,
+                           **named) -> dict:
+        """The LoRA trainer's keys plus `loss`, the per-step key of kohya's fine-tuning scripts (TRAINERS §1),
+        so their dashboards keep working."""
+        logs = super().generate_step_logs(args, current_loss, avr_loss, lr_scheduler, lr_descriptions, *rest,
+                                          **named)
+        return {"loss": current_loss, **logs}
 
     # ------------------------------------------------------------------------------------------ saving
 

@@ -470,8 +470,8 @@ class NetworkTrainer(ModelHooks, StepHooks):
         if args.full_fp16:
             _allow_fp16_gradient_unscaling(accelerator)
         if _uses_deepspeed(accelerator):
-            # DeepSpeed's engine owns the network's gradients (reduction, clipping); untested here (no GPU/DeepSpeed)
-            # the hooks keep calling the plain network; the engine only has to exist for accelerator.backward
+            # DeepSpeed's engine owns the network's gradients (reduction, clipping) and its optimizer step; the
+            # hooks keep calling the plain network; the engine only has to exist for accelerator.backward
             trainable.engine, trainable.optimizer, trainable.lr_scheduler = accelerator.prepare(
                 trainable.network, optimizer, lr_scheduler)
         else:
@@ -574,7 +574,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
     def save_state(self, run: TrainingRun, trainable: Trainable, folder: Path) -> None:
         """`--save_state`: every process writes its part (see library/train/state_folder.py)."""
         if _uses_deepspeed(run.accelerator):
-            run.accelerator.save_state(str(folder))  # DeepSpeed's own checkpoint format, written by its engine
+            state_folder.save_engine_state(run.accelerator, folder, run.progress, ema=trainable.ema)
             return
         state_folder.save_state(run.accelerator, folder, run.progress, trainable.network, trainable.optimizer,
                                 trainable.lr_scheduler, ema=trainable.ema)
@@ -582,8 +582,7 @@ class NetworkTrainer(ModelHooks, StepHooks):
     def load_state(self, run: TrainingRun, trainable: Trainable, folder: Path) -> TrainProgress:
         """`--resume`: check every file of the state against this run, then restore it."""
         if _uses_deepspeed(run.accelerator):
-            run.accelerator.load_state(str(folder))
-            return state_folder.read_progress(folder)
+            return state_folder.load_engine_state(run.accelerator, folder, ema=trainable.ema)
         return state_folder.load_state(run.accelerator, folder, trainable.network, trainable.optimizer,
                                        trainable.lr_scheduler, ema=trainable.ema)
 

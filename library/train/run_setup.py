@@ -183,17 +183,43 @@ def make_accelerator(args: argparse.Namespace):
                                   project_dir=run_logging_dir(args), kwargs_handlers=handlers, deepspeed_plugin=plugin)
     except ValueError as error:
         raise FlagError(f"--mixed_precision {args.mixed_precision}: {error}") from error
-    check_distributed_type(accelerator)
+    check_distributed_type(accelerator, deepspeed_wanted=plugin is not None)
     return accelerator
 
 
-def check_distributed_type(accelerator) -> None:
-    """accelerate's FSDP needs the trained model wrapped by accelerator.prepare; this trainer averages gradients
-    itself (one collective per step), so an FSDP config would silently train unsharded copies: refused."""
+def check_distributed_type(accelerator, deepspeed_wanted: bool = False) -> None:
+    """The run accelerate set up is the one the launch and the flags ask for; each mismatch below would
+    otherwise train silently in another way than the user believes.
+
+    - FSDP: it needs the trained model wrapped by accelerator.prepare; this trainer averages gradients itself
+      (one collective per step), so an FSDP config would train unsharded copies: refused.
+    - `--deepspeed` with accelerate running something else (e.g. ACCELERATE_USE_CPU, which drops the plugin).
+    - N processes launched but accelerate made a one-process run in each (it does so where it finds no device
+      for the requested backend, e.g. DeepSpeed or FSDP on a CPU-only machine): N copies would train the same
+      batches and write the same files.
+    """
     kind = str(getattr(accelerator, "distributed_type", ""))
     if kind.upper().endswith("FSDP"):
         raise FlagError("accelerate config: FSDP is not supported by this trainer yet (it would train an unsharded "
                         "copy on every GPU); use DeepSpeed ZeRO (--deepspeed --zero_stage 2) or plain multi-GPU")
+    if deepspeed_wanted and not kind.upper().endswith("DEEPSPEED"):
+        raise FlagError(f"--deepspeed: accelerate set up a {kind.rsplit('.', 1)[-1]} run instead of DeepSpeed (it "
+                        "drops DeepSpeed when told to use the CPU, e.g. ACCELERATE_USE_CPU or --cpu); launch with "
+                        "`accelerate launch` on a GPU machine, or leave --deepspeed out")
+    launched = _launched_processes()
+    if launched > 1 and getattr(accelerator, "num_processes", launched) == 1:
+        raise FlagError(f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate set up a "
+                        f"one-process {kind.rsplit('.', 1)[-1]} run in each, so every process would train on its "
+                        "own; on a CPU-only machine launch with --multi_gpu and ACCELERATE_USE_CPU=true (DDP), "
+                        "DeepSpeed and FSDP need GPUs")
+
+
+def _launched_processes() -> int:
+    """WORLD_SIZE as torchrun / accelerate launch set it (1 when not launched as several processes)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def torch_compile_kwargs(args: argparse.Namespace) -> dict:

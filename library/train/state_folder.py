@@ -35,6 +35,7 @@ LEGACY_NETWORK_FILES = ("custom_checkpoint_0.pkl", "pytorch_model.bin")  # our e
 OPTIMIZER_FILE = "optimizer.bin"
 SCHEDULER_FILE = "scheduler.bin"
 SCALER_FILE = "scaler.pt"
+DEEPSPEED_ENGINE = "deepspeed"  # train_state.json "engine" of a state the DeepSpeed engine wrote
 EMA_FILE = "ema.safetensors"  # --use_ema: the shadows, with the EMA's step and settings in the metadata
 
 
@@ -92,6 +93,57 @@ def save_state(accelerator, folder: Path, progress: TrainProgress, network, opti
         _run_checked(accelerator, part, folder, partial)
     if main:
         logger.info("saved training state to %s", folder)
+
+
+def save_engine_state(accelerator, folder: Path, progress: TrainProgress, ema=None) -> None:
+    """`save_state` for a DeepSpeed run: the engine writes its own checkpoint (model, partitioned optimizer,
+    scheduler, RNG; every process its part) through accelerate, and this module adds train_state.json and the EMA,
+    so a resume continues at the saved step like any other state. Written under `<name>.partial` too."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
+    main = accelerator.is_main_process
+
+    def main_only(action: Callable[[], None]) -> Callable[[], None]:
+        return action if main else (lambda: None)
+
+    def write_progress() -> None:
+        from safetensors.torch import save_file
+
+        if ema is not None:
+            shadows = {key: value.detach().to("cpu").contiguous() for key, value in ema.tensors().items()}
+            save_file(shadows, str(partial / EMA_FILE), metadata={"format": "pt", "ema": json.dumps(ema.info())})
+        record = {**progress.to_json(), "engine": DEEPSPEED_ENGINE}
+        (partial / TRAIN_STATE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+    parts = [main_only(lambda: _start_partial(partial)),
+             lambda: accelerator.save_state(str(partial)),
+             main_only(write_progress),
+             main_only(lambda: _move_into_place(partial, folder))]
+    for part in parts:
+        _run_checked(accelerator, part, folder, partial)
+    if main:
+        logger.info("saved training state to %s (DeepSpeed checkpoint)", folder)
+
+
+def load_engine_state(accelerator, folder: str | Path, ema=None) -> TrainProgress:
+    """`load_state` for a DeepSpeed run: the engine reads its checkpoint (DeepSpeed's format, read by DeepSpeed
+    and accelerate with their own loaders), then the progress and EMA of this module are restored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FlagError(f"--resume {folder}: not a folder; expected a '-state' folder saved with --save_state")
+    record = _read_progress(folder, engine=DEEPSPEED_ENGINE)
+    try:
+        ema_state = _read_ema(folder) if ema is not None else None
+    except ModelFormatError as error:
+        raise FlagError(f"--resume {folder}: {error}") from None
+    accelerator.load_state(str(folder))
+    if ema_state is not None:
+        for line in ema.load(*ema_state):
+            logger.warning("--resume %s: %s (the flags of this run apply)", folder, line)
+    progress = TrainProgress.from_json(record)
+    logger.info("resumed from %s (DeepSpeed checkpoint): epoch %d, batch %d, step %d", folder, progress.epoch,
+                progress.batch_in_epoch, progress.global_step)
+    return progress
 
 
 def _start_partial(partial: Path) -> None:
@@ -232,11 +284,9 @@ def _read_ema(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, info
 
 
-def read_progress(folder: Path) -> TrainProgress:
-    return TrainProgress.from_json(_read_progress(folder))
-
-
-def _read_progress(folder: Path) -> dict:
+def _read_progress(folder: Path, engine: str | None = None) -> dict:
+    """train_state.json, checked; `engine` is DEEPSPEED_ENGINE for a DeepSpeed run (None otherwise), and a state
+    written by the other kind of run is refused by name."""
     path = folder / TRAIN_STATE_FILE
     if not path.is_file():
         raise FlagError(f"--resume {folder}: has no {TRAIN_STATE_FILE}; expected a '-state' folder saved with "
@@ -252,6 +302,13 @@ def _read_progress(folder: Path) -> dict:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise FlagError(f"--resume {folder}: {TRAIN_STATE_FILE}: {key}: expected a whole number >= 0, "
                             f"got {value!r}")
+    # kohya's DeepSpeed states have no "engine" key; DeepSpeed's checkpoint always has its `latest` tag file
+    saved_by = record.get("engine") or (DEEPSPEED_ENGINE if (folder / "latest").is_file() else None)
+    if saved_by != engine:
+        if saved_by == DEEPSPEED_ENGINE:
+            raise FlagError(f"--resume {folder}: saved by a DeepSpeed run (its optimizer is DeepSpeed's "
+                            "partitioned checkpoint); resume it with --deepspeed and the same --zero_stage")
+        raise FlagError(f"--resume {folder}: saved by a run without DeepSpeed; resume it without --deepspeed")
     return record
 
 

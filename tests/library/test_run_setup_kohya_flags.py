@@ -60,6 +60,7 @@ class _RecordingAccelerator:
 
     def __init__(self, **kwargs):
         type(self).received = kwargs
+        self.distributed_type = "DistributedType.DEEPSPEED" if kwargs.get("deepspeed_plugin") else "DistributedType.NO"
 
 
 def _fake_deepspeed(monkeypatch) -> list[str]:
@@ -179,3 +180,32 @@ def test_an_fsdp_accelerate_config_is_refused_in_one_line():
     with pytest.raises(FlagError, match="FSDP is not supported by this trainer yet"):
         run_setup.check_distributed_type(SimpleNamespace(distributed_type=DistributedType.FSDP))
     run_setup.check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
+def test_deepspeed_dropped_by_accelerate_is_refused_in_one_line():
+    """accelerate drops the DeepSpeed plugin when told to use the CPU (ACCELERATE_USE_CPU): training would go on
+    as plain DDP while the user believes ZeRO is on."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    with pytest.raises(FlagError, match="--deepspeed: accelerate set up a MULTI_CPU run instead of DeepSpeed"):
+        run_setup.check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU,
+                                                         num_processes=2), deepspeed_wanted=True)
+    run_setup.check_distributed_type(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1),
+                                     deepspeed_wanted=True)
+
+
+def test_processes_launched_into_one_process_runs_are_refused(monkeypatch):
+    """Measured with accelerate 1.15 on a CPU-only machine: `accelerate launch --use_deepspeed --num_processes 2`
+    (or an FSDP2 config) starts 2 processes that each get a one-process run, training the same batches twice."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FlagError, match="2 processes were launched .* one-process NO run in each"):
+        run_setup.check_distributed_type(SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1))
+    run_setup.check_distributed_type(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    run_setup.check_distributed_type(SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1))

@@ -330,3 +330,45 @@ def test_random_states_written_under_numpy_1_are_read(saved_state):
     np.random.seed(123)
     state_folder.load_state(FakeAccelerator(), saved_state, *training_objects())
     assert np.random.rand() == expected
+
+
+class FakeEngineAccelerator(FakeAccelerator):
+    """accelerate under DeepSpeed: save_state/load_state are the engine's checkpoint (here a marker file)."""
+
+    def __init__(self):
+        super().__init__()
+        self.loaded: list[str] = []
+
+    def save_state(self, folder: str) -> None:
+        Path(folder, "latest").write_text("global_step2")
+
+    def load_state(self, folder: str) -> None:
+        self.loaded.append(folder)
+
+
+def test_a_deepspeed_state_carries_the_progress_and_resumes_at_its_step(tmp_path):
+    folder = tmp_path / "m-step00000002-state"
+    accelerator = FakeEngineAccelerator()
+    state_folder.save_engine_state(accelerator, folder, TrainProgress(epoch=1, batch_in_epoch=2, global_step=2))
+    assert sorted(path.name for path in folder.iterdir()) == ["latest", "train_state.json"]
+    assert not folder.with_name(folder.name + ".partial").exists()
+    progress = state_folder.load_engine_state(accelerator, folder)
+    assert (progress.epoch, progress.batch_in_epoch, progress.global_step) == (1, 2, 2)
+    assert accelerator.loaded == [str(folder)]
+
+
+def test_a_state_of_the_other_kind_of_run_is_refused_by_name(saved_state, tmp_path):
+    with pytest.raises(FlagError, match="saved by a run without DeepSpeed; resume it without --deepspeed"):
+        state_folder.load_engine_state(FakeEngineAccelerator(), saved_state)
+    engine_state = tmp_path / "ds-state"
+    state_folder.save_engine_state(FakeEngineAccelerator(), engine_state, TrainProgress(global_step=2))
+    network, optimizer, scheduler = training_objects()
+    with pytest.raises(FlagError, match="saved by a DeepSpeed run .* resume it with --deepspeed"):
+        state_folder.load_state(FakeAccelerator(), engine_state, network, optimizer, scheduler)
+    # kohya's DeepSpeed states have train_state.json without our "engine" key, and DeepSpeed's `latest` tag
+    record = json.loads((engine_state / "train_state.json").read_text())
+    del record["engine"]
+    (engine_state / "train_state.json").write_text(json.dumps(record))
+    with pytest.raises(FlagError, match="saved by a DeepSpeed run"):
+        state_folder.load_state(FakeAccelerator(), engine_state, network, optimizer, scheduler)
+    assert state_folder.load_engine_state(FakeEngineAccelerator(), engine_state).global_step == 2

@@ -70,6 +70,10 @@ def recording(kind: str):
                 self.te_after_step.append([snapshot(encoder) for encoder in text_encoders])
             super().on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train)
 
+        def step_logging(self, accelerator, logs, global_step, epoch):
+            self.logged = [*getattr(self, "logged", []), dict(logs)]
+            super().step_logging(accelerator, logs, global_step, epoch)
+
     return Recording
 
 
@@ -89,6 +93,13 @@ def db_run(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("db")
     return run(train_db, "db", ft_argv(tiny_models.path("sd1"), dataset_toml(root), root / "out",
                                        "--stop_text_encoder_training", "1", "--save_precision", "fp16"))
+
+
+def test_fine_tuning_logs_kohyas_per_step_loss_key_and_group_rates(db_run):
+    trainer, _ = db_run
+    assert [logs["loss"] for logs in trainer.logged] == trainer.loss_history
+    assert [logs["loss/current"] for logs in trainer.logged] == trainer.loss_history
+    assert {"lr/unet", "lr/text_encoder"} <= set(trainer.logged[0])
 
 
 def test_train_db_trains_unet_and_text_encoder_until_the_stop_step(db_run):
