@@ -323,6 +323,7 @@ def test_fused_bf16_weights_train_and_a_fused_state_resumes_exactly(tiny_models,
     (["--fused_backward_pass", "--gradient_accumulation_steps", "2"], "cannot accumulate gradients"),
     (["--fused_backward_pass", "--fused_optimizer_groups", "4"], "two ways of stepping during backward"),
     (["--fused_optimizer_groups", "0"], "expected a number of groups of at least 1"),
+    (["--fused_backward_pass", "--deepspeed"], "--fused_backward_pass and --deepspeed both own the optimizer step"),
 ])
 def test_fused_flag_conflicts_fail_before_models_load(tiny_models, tmp_path, monkeypatch, extra, message):
     import library.models.load as load
