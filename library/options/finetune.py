@@ -54,6 +54,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser, *, sdxl: bool, dream
                            help="learning rate of the text encoder (default --learning_rate; 0 = frozen)")
         group.add_argument("--block_lr", type=str, default=None,
                            help="SDXL only (sdxl_train.py): refused here with a message")
+    group.add_argument("--diffusers_xformers", action="store_true",
+                       help="diffusers' xformers attention in the U-Net and the VAE (needs xformers). kohya: the "
+                            "VAE only, skipping its own U-Net attention; the U-Net here is diffusers' either way")
     group.add_argument("--save_model_as", type=str, default=None, choices=(None, *SAVE_FORMATS),
                        help="format of the saved model: ckpt, safetensors (single file, LDM/SGM keys), diffusers, "
                             "diffusers_safetensors (pipeline folder); default: the format of the source model")

@@ -100,6 +100,13 @@ class FineTuning:
         if fused and args.mixed_precision == "fp16":
             raise FlagError(f"{fused} with --mixed_precision fp16: the loss scaler's gradients would be applied "
                             "unscaled; use bf16 or no")
+        if args.diffusers_xformers:
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None:
+                raise FlagError("--diffusers_xformers needs the xformers package (install the build for your "
+                                "torch/CUDA), or leave it out for PyTorch SDPA")
+            args.xformers = True  # the U-Net's attention; the VAE's is set in _prepare_frozen_unet
         if getattr(args, "no_token_padding", False):
             logger.warning("--no_token_padding has no effect (kohya's v0.10 does not read it either)")
         if args.save_model_as is None:
@@ -168,6 +175,12 @@ class FineTuning:
 
     def is_train_text_encoder(self, args) -> bool:
         return any(self._plan.text_encoder_flags)
+
+    def _prepare_frozen_unet(self, run, unet, vae, text_encoders) -> None:
+        super()._prepare_frozen_unet(run, unet, vae, text_encoders)
+        if run.args.diffusers_xformers:
+            vae.enable_xformers_memory_efficient_attention()
+            logger.info("--diffusers_xformers: xformers attention in the U-Net and the VAE")
 
     def get_text_encoders_train_flags(self, args, text_encoders) -> list[bool]:
         return list(self._plan.text_encoder_flags)

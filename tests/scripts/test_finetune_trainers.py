@@ -377,3 +377,37 @@ def test_sdxl_train_with_cached_text_encoder_outputs_saves_a_bf16_pipeline_folde
     assert load_target_model(final).family.name == "sdxl"
     unet_file = TensorFile(next((final / "unet").glob("*.safetensors")))
     assert {unet_file.get(key).dtype for key in unet_file.keys()} == {torch.bfloat16}  # --save_precision bf16
+
+
+def test_diffusers_xformers_sets_xformers_attention_in_the_unet_and_the_vae(tiny_models, tmp_path, monkeypatch):
+    """No xformers on CPU: the package is faked and diffusers' switch recorded (the attention itself is
+    diffusers')."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    for name in ("xformers", "xformers.ops"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    switched: list[str] = []
+    for cls in (AutoencoderKL, UNet2DConditionModel):
+        monkeypatch.setattr(cls, "enable_xformers_memory_efficient_attention",
+                            lambda self, *rest, **named: switched.append(type(self).__name__))
+    run(fine_tune, "sd", ft_argv(tiny_models.path("sd1"), metadata_toml(tmp_path), tmp_path / "out",
+                                 "--diffusers_xformers", "--max_train_steps", "1"))
+    assert sorted(switched) == ["AutoencoderKL", "UNet2DConditionModel"]
+
+
+def test_diffusers_xformers_without_the_package_fails_before_models_load(tiny_models, tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "xformers" else real_find_spec(name, *rest))
+    monkeypatch.setattr("library.models.load.load_target_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(FlagError, match="--diffusers_xformers needs the xformers package"):
+        run(train_db, "db", ft_argv(tiny_models.path("sd1"), dataset_toml(tmp_path), tmp_path / "out",
+                                    "--diffusers_xformers"))
