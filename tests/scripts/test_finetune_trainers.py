@@ -411,3 +411,31 @@ def test_diffusers_xformers_without_the_package_fails_before_models_load(tiny_mo
     with pytest.raises(FlagError, match="--diffusers_xformers needs the xformers package"):
         run(train_db, "db", ft_argv(tiny_models.path("sd1"), dataset_toml(tmp_path), tmp_path / "out",
                                     "--diffusers_xformers"))
+
+
+def test_sdxl_train_honours_the_prior_loss_weight_of_regularisation_images(tiny_models, tmp_path):
+    """kohya's sdxl_train.py ignores the weights; here a batch of regularisation images at --prior_loss_weight 0
+    has a loss of exactly 0, while the training images still train."""
+    import shutil
+
+    dataset_toml(tmp_path)  # copies the bundled images
+    shutil.copytree(tmp_path / "images", tmp_path / "reg")  # the same folder twice would be one subset (kohya)
+    toml = tmp_path / "db_reg.toml"
+    toml.write_text(f"""
+[general]
+caption_extension = ".txt"
+[[datasets]]
+resolution = 64
+batch_size = 1
+[[datasets.subsets]]
+image_dir = '{(tmp_path / "images").as_posix()}'
+[[datasets.subsets]]
+image_dir = '{(tmp_path / "reg").as_posix()}'
+is_reg = true
+""")
+    trainer, _ = run(sdxl_train, "sdxl", ft_argv(tiny_models.path("sdxl"), toml, tmp_path / "out",
+                                                 "--prior_loss_weight", "0", "--max_train_steps", "16",
+                                                 "--cache_latents", "--optimizer_type", "SGD"))
+    zero = [loss for loss in trainer.loss_history if loss == 0.0]
+    assert len(trainer.loss_history) == 16 and len(zero) == 8, trainer.loss_history  # one epoch: 8 + 8 batches
+    assert changed(trainer.before["unet"], trainer._models.unet)
