@@ -131,7 +131,7 @@ def _caption_from_text(path: Path, text: str, enable_wildcard: bool) -> str:
 
 
 def process_caption(caption: str, options: CaptionOptions, *, epoch: int, step: int, max_steps: int | None,
-                    rng: random.Random) -> str:
+                    rng: random.Random, transform=None) -> str:
     """The caption one sample trains with: COMPAT §9.5 steps 1-5, in that order.
 
     Args:
@@ -140,6 +140,8 @@ def process_caption(caption: str, options: CaptionOptions, *, epoch: int, step: 
         step: current optimisation step, 0-based, for token warmup.
         max_steps: total steps; needed only for a fractional `token_warmup_step` (None turns that warmup off).
         rng: the only source of randomness, so a seeded rng gives the same caption again.
+        transform: `(caption, rng) -> caption` applied last, unless the caption was dropped (kohya's dataset
+            replacements: textual inversion's token expansion or templates).
     """
     caption = add_prefix_suffix(caption, options.caption_prefix, options.caption_suffix)
     if is_dropped(options, epoch, rng):
@@ -157,7 +159,7 @@ def process_caption(caption: str, options: CaptionOptions, *, epoch: int, step: 
         caption = TAG_JOINER.join(fixed + flexible + suffix)
     if options.secondary_separator:
         caption = caption.replace(options.secondary_separator, options.caption_separator)
-    return caption
+    return caption if transform is None else transform(caption, rng)
 
 
 def add_prefix_suffix(caption: str, prefix: str | None, suffix: str | None) -> str:

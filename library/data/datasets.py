@@ -87,6 +87,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self._epoch = multiprocessing.Value("i", 1)
         self._step = multiprocessing.Value("i", 0)
         self.max_steps: int | None = None
+        # (caption, rng) -> caption, applied after the caption processing unless the caption was dropped
+        # (textual inversion's token expansion and templates); picklable for the loader's worker processes
+        self.caption_transform = None
         self.n_text_encoders = 1  # set by the text-encoder caching pass (2 for SDXL)
         self._order_epoch: int | None = None
         self._order: list[list[int]] = []
@@ -168,7 +171,8 @@ class ImageDataset(torch.utils.data.Dataset):
             is_latent = False
         top, left = crop_top_left_for_sdxl(bucket.crop_ltrb, bucket.bucket_reso, flipped)
         caption = process_caption(info.caption, self.caption_options[info.subset_index], epoch=epoch,
-                                  step=self._step.value, max_steps=self.max_steps, rng=rng)
+                                  step=self._step.value, max_steps=self.max_steps, rng=rng,
+                                  transform=self.caption_transform)
         return Sample(
             pixels_or_latents=tensor, is_latent=is_latent, caption=caption,
             loss_weight=self.params.prior_loss_weight if info.is_reg else 1.0,

@@ -51,6 +51,11 @@ class DatasetGroup(torch.utils.data.ConcatDataset):
         for dataset in self.datasets:
             dataset.set_current_step(step)
 
+    def set_caption_transform(self, transform) -> None:
+        """`(caption, rng) -> caption` for every dataset (see ImageDataset.caption_transform)."""
+        for dataset in self.datasets:
+            dataset.caption_transform = transform
+
     def set_max_steps(self, max_steps: int) -> None:
         for dataset in self.datasets:
             dataset.set_max_steps(max_steps)

@@ -97,6 +97,35 @@ def detect_family(path: str | os.PathLike, v_parameterization: bool = False, v2:
     return family
 
 
+def text_encoder_widths(path: str | os.PathLike, family: ModelFamily) -> list[int]:
+    """The token-embedding width of each text encoder of a checkpoint or pipeline folder, from the file header or
+    the configs (no weights are read): e.g. [768] for SD1.x, [1024] for SD2.x, [768, 1280] for SDXL."""
+    path = Path(path)
+    if path.is_dir():
+        import json
+
+        widths = []
+        for spec in family.text_encoders:
+            config_path = path / spec.diffusers_subfolder / "config.json"
+            try:
+                widths.append(int(json.loads(config_path.read_text(encoding="utf-8"))["hidden_size"]))
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise ModelFormatError(config_path, f"cannot read the text encoder's hidden_size ({error})") from None
+        return widths
+    source = TensorFile(path)
+    try:
+        widths = []
+        for spec in family.text_encoders:
+            keys = [key for key in source.keys()
+                    if key.startswith(spec.single_file_prefix) and key.endswith("token_embedding.weight")]
+            if not keys:
+                raise ModelFormatError(path, f"no token embedding under {spec.single_file_prefix!r}")
+            widths.append(int(source.shape(keys[0])[-1]))
+        return widths
+    finally:
+        source.close()
+
+
 def load_text_encoders(path: str | os.PathLike, family: ModelFamily, dtype: torch.dtype | None = None) -> list:
     """Only the text encoder(s) of a checkpoint or pipeline folder (for caching their outputs)."""
     path = Path(path)

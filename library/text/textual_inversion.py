@@ -196,8 +196,13 @@ def _width_mismatch_message(tensors: dict[str, torch.Tensor], family: ModelFamil
             f"expected [n, {width}]{hint}")
 
 
+def is_usable_token(token: str) -> bool:
+    """A token can be written in a prompt: one word without spaces, brackets or colons."""
+    return bool(token) and not _UNUSABLE_TOKEN_CHARACTERS.search(token)
+
+
 def _check_token_is_usable(path: Path, token: str, source: str) -> None:
-    if not token or _UNUSABLE_TOKEN_CHARACTERS.search(token):
+    if not is_usable_token(token):
         raise UserInputError(f"{path}: embedding token {token!r} ({source}) cannot be written in a prompt: it must "
                              "be one word without spaces, brackets or colons; rename the file")
 
@@ -303,11 +308,17 @@ def expand_embedding_tokens(prompt: str | None, embeddings: Sequence[Embedding])
     """
     if not prompt or not embeddings:
         return prompt
-    expansions = {embedding.token: " ".join(embedding.token_names) for embedding in embeddings}
+    return expand_tokens(prompt, {embedding.token: " ".join(embedding.token_names) for embedding in embeddings})
+
+
+def expand_tokens(text: str | None, expansions: dict[str, str]) -> str | None:
+    """Replace every whole-word key of `expansions` in `text` by its value (case-sensitive, one pass)."""
+    if not text or not expansions:
+        return text
     # One pass with the longest names first, so an expansion is never expanded again by another embedding.
     alternatives = "|".join(re.escape(token) for token in sorted(expansions, key=len, reverse=True))
     pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
-    return pattern.sub(lambda match: expansions[match.group(0)], prompt)
+    return pattern.sub(lambda match: expansions[match.group(0)], text)
 
 
 def embedding_token_ids(tokenizer, embedding: Embedding) -> list[int]:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 import sdxl_train_network
+import sdxl_train_textual_inversion
 import train_network
+import train_textual_inversion
 from library.config_file import parse_args_with_config
 from library.errors import FlagError
 from library.options.other_families import OTHER_FAMILY_FLAGS
@@ -21,20 +23,31 @@ from tests.conftest import ROOT
 GOLDEN = Path(__file__).parent / "kohya_flags"
 
 
-def golden_flags(*names: str) -> list[str]:
+def golden_flags(*names: str, stop_at: str | None = None) -> list[str]:
+    """The flags of the golden files; `stop_at`: a section comment where reading a file stops (a script that
+    shares only the groups above it)."""
     flags: list[str] = []
     for name in names:
         for line in (GOLDEN / name).read_text(encoding="utf-8").splitlines():
+            if stop_at and line.startswith("#") and stop_at in line:
+                break
             flag = line.split("#", 1)[0].strip()
             if flag:
                 flags.append(flag)
     return flags
 
 
+def _textual_inversion_flags(sdxl: bool = False) -> list[str]:
+    shared = golden_flags("train_network.txt", stop_at="train_network.py: setup_parser")
+    return shared + golden_flags("textual_inversion.txt") + (["--disable_mmap_load_safetensors"] if sdxl else [])
+
+
 SCRIPTS = {
     "train_network.py": (train_network.setup_parser, golden_flags("train_network.txt")),
     "sdxl_train_network.py": (sdxl_train_network.setup_parser, golden_flags("train_network.txt",
                                                                             "sdxl_train_network.txt")),
+    "train_textual_inversion.py": (train_textual_inversion.setup_parser, _textual_inversion_flags()),
+    "sdxl_train_textual_inversion.py": (sdxl_train_textual_inversion.setup_parser, _textual_inversion_flags(True)),
 }
 
 
