@@ -210,11 +210,14 @@ def _check_token_is_usable(path: Path, token: str, source: str) -> None:
 # ----------------------------------------------------------------------------------------------- installing
 
 
-def install_embeddings(embeddings: Sequence[Embedding], tokenizers: Sequence, text_encoders: Sequence) -> list:
+def install_embeddings(embeddings: Sequence[Embedding], tokenizers: Sequence, text_encoders: Sequence,
+                       write_vectors: bool = True) -> list:
     """Add each embedding's tokens `T, T1, ...` to COPIES of the tokenizers and its vectors to the encoders.
 
     The encoders are changed in place: their token-embedding tables grow and the new rows get the vectors
-    (encoder i gets `vectors[i]`). The given tokenizers are left untouched (they are shared, cached objects).
+    (encoder i gets `vectors[i]`); with `write_vectors=False` the encoders are left alone (textual-inversion
+    training reads the new ids from its own parameters). The given tokenizers are left untouched (they are
+    shared, cached objects).
     Tokens match case-sensitively and only as whole words ("MyStyle" in "a MyStyle photo", not in "MyStyles").
 
     Raises:
@@ -232,7 +235,9 @@ def install_embeddings(embeddings: Sequence[Embedding], tokenizers: Sequence, te
         return copies
     for index, (tokenizer, encoder) in enumerate(zip(copies, text_encoders)):
         first_new_id = _add_tokens(tokenizer, embeddings)
-        _write_vectors(encoder, first_new_id, [embedding.vectors[index] for embedding in embeddings], len(tokenizer))
+        if write_vectors:
+            _write_vectors(encoder, first_new_id, [embedding.vectors[index] for embedding in embeddings],
+                           len(tokenizer))
     logger.info("added %d textual-inversion token(s) for %d embedding(s)",
                 sum(embedding.num_vectors for embedding in embeddings), len(embeddings))
     return copies

@@ -181,7 +181,9 @@ class TextualInversion:
         args = run.args
         start = self._start_vectors or self._initial_vectors(args, models.text_encoders)
         placeholder = ti.Embedding(token=args.token_string, vectors=start, path=Path(args.weights or "init"))
-        tokenizers = ti.install_embeddings([placeholder], models.tokenizers, models.text_encoders)
+        # the encoders' tables stay as they are: the new ids are read from the trained vectors (TokenVectors)
+        tokenizers = ti.install_embeddings([placeholder], models.tokenizers, models.text_encoders,
+                                           write_vectors=False)
         self._first_ids = [ti.embedding_token_ids(tokenizer, placeholder)[0] for tokenizer in tokenizers]
         old = models.caption_encoder
         models.tokenizers = tokenizers

@@ -15,9 +15,9 @@ from library.errors import FlagError
 class NewTokenEmbedding(torch.nn.Module):
     """An encoder's token embedding whose ids from `first_id` on are read from trained vectors.
 
-    The table keeps its frozen rows (and the rows install_embeddings added for the new ids, which are not read).
-    The vectors are held through their owner, not registered here, so the encoder's own parameters, casts and
-    requires_grad switches never touch them.
+    The table keeps its frozen rows and is not resized (no copy of the vocabulary's embeddings); it is never
+    indexed with a new id. The vectors are held through their owner, not registered here, so the encoder's own
+    parameters, casts and requires_grad switches never touch them.
     """
 
     def __init__(self, table: torch.nn.Embedding, first_id: int, owner: "TokenVectors", slot: int):
@@ -40,7 +40,7 @@ class NewTokenEmbedding(torch.nn.Module):
         return self.table.embedding_dim
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        embedded = self.table(input_ids)
+        embedded = self.table(input_ids.clamp(max=self.first_id - 1))
         vectors = self._owner.vectors[self.slot]
         is_new = input_ids >= self.first_id
         index = (input_ids - self.first_id).clamp(0, vectors.shape[0] - 1)

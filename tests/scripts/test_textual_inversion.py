@@ -91,15 +91,17 @@ class Trained:
 
 
 FAMILIES = {"sd1": False, "sd2-v": False, "sdxl": True}
+TIMESTEP = 500  # the fixture trains at this one timestep, where the loss is then measured
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def trained(request, tiny_models, tmp_path_factory) -> Trained:
     family = request.param
     root = tmp_path_factory.mktemp(f"ti-{family}")
-    trainer, final = run(ti_argv(tiny_models.path(family), dataset_toml(root, batch_size=2), root / "out",
+    trainer, final = run(ti_argv(tiny_models.path(family), dataset_toml(root, batch_size=4), root / "out",
                                  "--init_word", "red circle", "--num_vectors_per_token", "3",
-                                 "--max_train_steps", "24", "--save_model_as", "safetensors",
+                                 "--max_train_steps", "24", "--save_model_as", "safetensors", "--cache_latents",
+                                 "--min_timestep", str(TIMESTEP), "--max_timestep", str(TIMESTEP + 1),
                                  "--optimizer_args", "weight_decay=0.1"), sdxl=FAMILIES[family])
     return Trained(trainer, final, FAMILIES[family])
 
@@ -118,21 +120,38 @@ def test_only_the_new_vectors_change(trained):
     assert max(state_sizes) == max(block.numel() for block in vectors)
 
 
-def test_the_loss_on_the_training_images_falls(trained):
-    """Validation machinery (fixed timesteps and noise) on the training images, with the start vectors and with
-    the trained ones."""
-    from library.train.training_loop import validate
+def _training_objective(trainer, noises: int = 8) -> float:
+    """The trainer's loss on every training image at the training timestep, with fixed noises (the same ones
+    for every call), as its validation computes it."""
+    from library.data.order import EpochOrderSampler, epoch_data_loader
+    from library.train.step_hooks import NoisePlan
+    from library.train.training_loop import _micro_batch_loss
 
+    run_, models, trainable, group = trainer._run, trainer._models, trainer._trainable, trainer._run.train_group
+    group.set_current_epoch(1)
+    losses = []
+    for index, batch in enumerate(epoch_data_loader(group, EpochOrderSampler(len(group), 0, 0, 1, shuffle=False),
+                                                    0, False)):
+        for seed in range(noises):
+            trainer.noise_plan = NoisePlan(validation_timestep=TIMESTEP, validation_seed=100 * index + seed)
+            with torch.no_grad():
+                losses.append(float(_micro_batch_loss(trainer, run_, models, trainable, batch, is_train=False)))
+    return sum(losses) / len(losses)
+
+
+def test_the_loss_on_the_training_images_falls(trained):
+    """The tiny random U-Nets listen little to their text: the trained vectors lower the loss by 0.06-0.4%
+    (measured over seeds and families), so it is measured paired (the same noises for the start vectors and the
+    trained ones) at the one timestep the fixture trains at."""
     trainer = trained.trainer
-    run_, models, trainable = trainer._run, trainer._models, trainer._trainable
-    run_.val_group = run_.train_group
-    trained_vectors = [block.detach().clone() for block in trainable.network.vectors]
+    vectors = trainer._trainable.network.vectors
+    trained_vectors = [block.detach().clone() for block in vectors]
     losses = {}
     for name, blocks in (("start", trainer.initial), ("trained", trained_vectors)):
         with torch.no_grad():
-            for parameter, block in zip(trainable.network.vectors, blocks):
+            for parameter, block in zip(vectors, blocks):
                 parameter.copy_(block)
-        losses[name] = validate(trainer, run_, models, trainable, "step")
+        losses[name] = _training_objective(trainer)
     assert losses["trained"] < losses["start"], losses
 
 
