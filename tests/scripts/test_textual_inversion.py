@@ -371,3 +371,11 @@ def test_a_missing_token_string_is_named(tiny_models, tmp_path):
     index = argv.index("--token_string")
     with pytest.raises(FlagError, match="--token_string is required"):
         run(argv[:index] + argv[index + 2:])
+
+
+def test_full_bf16_trains_bf16_vectors_and_saves_them_in_bf16(tiny_models, tmp_path):
+    trainer, final = run(ti_argv(tiny_models.path("sd1"), dataset_toml(tmp_path), tmp_path / "out",
+                                 "--mixed_precision", "bf16", "--full_bf16", "--max_train_steps", "2"))
+    assert trainer._trainable.network.vectors[0].dtype == torch.bfloat16
+    assert not torch.equal(trainer._trainable.network.vectors[0].float(), trainer.initial[0])
+    assert read_file(final)[ti.SINGLE_ENCODER_KEY].dtype == torch.bfloat16  # no --save_precision: as trained
