@@ -22,22 +22,23 @@ from library.errors import FlagError, ModelFormatError
 from library.models.state_dict_io import SAFETENSORS_SUFFIXES, atomic_output, read_state_dict, write_state_dict
 from networks import naming
 from networks.naming import LoRATarget, NamingScheme, RankPlan
+from networks.patching import ForwardPatch
 
 logger = logging.getLogger(__name__)
 
 
-class LoRAModule(torch.nn.Module):
+class LoRAModule(ForwardPatch):
     """`y = W x + up(down(x)) * multiplier * alpha / rank` around one Linear/Conv2d (COMPAT §1.6).
 
-    The wrapped layer is patched by `apply_to` (its `forward` is replaced) and kept by reference, in a list so
-    that it is not registered as a sub-module: its weights must not enter the LoRA state dict.
+    The wrapped layer is patched by `apply_to` (networks/patching.py: its `forward` is replaced, the layer is
+    kept by reference and out of the LoRA state dict).
     """
 
     def __init__(self, lora_name: str, original_module: torch.nn.Module, multiplier: float = 1.0,
                  lora_dim: int = naming.DEFAULT_NETWORK_DIM, alpha: float | None = naming.DEFAULT_NETWORK_ALPHA,
                  dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None):
-        super().__init__()
+        super().__init__(original_module)
         self.lora_name = lora_name
         self.lora_dim = lora_dim
         self.lora_down, self.lora_up = _low_rank_pair(original_module, lora_dim)
@@ -50,25 +51,6 @@ class LoRAModule(torch.nn.Module):
         torch.nn.init.zeros_(self.lora_up.weight)
         self.multiplier = multiplier
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        self.original_module_ref = [original_module]
-        self.original_forward = None
-
-    @property
-    def original_module(self) -> torch.nn.Module:
-        return self.original_module_ref[0]
-
-    def apply_to(self) -> None:
-        """Route the wrapped layer's calls through this module."""
-        if self.original_forward is not None:
-            return
-        self.original_forward = self.original_module.forward
-        self.original_module.forward = self.forward
-
-    def restore(self) -> None:
-        """Undo `apply_to`: the wrapped layer computes its own output again."""
-        if self.original_forward is not None:
-            del self.original_module.forward  # drops the instance attribute; the class method is used again
-            self.original_forward = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         original_output = self.original_forward(x, *args, **kwargs)

@@ -66,11 +66,12 @@ class ImageJob:
     size: SizeConditioning | None = None
     negative_size: SizeConditioning | None = None
     negative_scale: float | None = None
+    guide_images: tuple[Image.Image, ...] = ()  # ControlNet-LLLite: one guide image per model (settings.control)
     extra: dict = field(default_factory=dict)  # caller's bookkeeping (prompt index, network multipliers, ...)
 
     def batch_key(self) -> tuple:
         return (self.width, self.height, self.steps, self.scale, self.sampler, self.strength, self.guidance_rescale,
-                self.init_image is not None, self.mask is not None, self.negative_scale)
+                self.init_image is not None, self.mask is not None, self.negative_scale, len(self.guide_images))
 
 
 @dataclass
@@ -102,6 +103,8 @@ class RenderSettings:
     vae_batch_size: int | None = None
     offload: bool = False  # text encoders and VAE live on the CPU and visit `device` only while used (--lowram)
     show_progress: bool = True
+    # conditions the U-Net from the jobs' guide images, per step (library/sampling/control.py: LLLiteControl)
+    control: object | None = None
 
 
 def uses_guidance(scale: float) -> bool:
@@ -267,6 +270,8 @@ def _denoise(unet, scheduler, timesteps, latents: torch.Tensor, conds: GuidanceC
     extra = _step_kwargs(scheduler, generators)
     for index, timestep in enumerate(tqdm(timesteps, desc="sampling steps", leave=False,
                                           disable=not settings.show_progress)):
+        if settings.control is not None:
+            settings.control.at_step(index, len(timesteps))
         prediction = guided_prediction(unet, scheduler, latents, timestep, conds, job.scale, settings.dtype,
                                        job.guidance_rescale)
         latents = scheduler.step(prediction, timestep, latents, **extra).prev_sample
@@ -324,7 +329,13 @@ def generate_batch(jobs: Sequence[ImageJob], *, unet, vae, caption_encoder, vae_
         if job.mask is not None and clean is not None:
             mask = torch.cat([img2img.latent_mask(item.mask, latent_hw) for item in jobs]).to(device)
             inpaint = (clean, noise, mask)
-        latents = _denoise(unet, scheduler, timesteps, latents, conds, job, generators, settings, inpaint)
+        if settings.control is not None:
+            settings.control.prepare(jobs, job.width, job.height, device)
+        try:
+            latents = _denoise(unet, scheduler, timesteps, latents, conds, job, generators, settings, inpaint)
+        finally:
+            if settings.control is not None:
+                settings.control.finish()
         with on_device(settings, vae):
             return decode_latents(vae, latents, vae_scale_factor, settings.vae_batch_size)
 
@@ -332,7 +343,8 @@ def generate_batch(jobs: Sequence[ImageJob], *, unet, vae, caption_encoder, vae_
 @torch.no_grad()
 def generate(request: SamplePrompt, *, family: ModelFamily, unet, vae, caption_encoder, sampler_name: str,
              device, dtype: torch.dtype, default_size: tuple[int, int], generator_seed: int | None,
-             zero_terminal_snr: bool = False, show_progress: bool = True) -> Image.Image:
+             zero_terminal_snr: bool = False, show_progress: bool = True, control=None,
+             guide_images: tuple = ()) -> Image.Image:
     """Generate one image for a training sample prompt.
 
     Args:
@@ -340,13 +352,14 @@ def generate(request: SamplePrompt, *, family: ModelFamily, unet, vae, caption_e
         default_size: (width, height) when the prompt gives none.
         generator_seed: overrides the prompt's seed; with neither, a seed is drawn from torch's global generator.
         zero_terminal_snr: sample with the rescaled schedule the model was trained with (`--zero_terminal_snr`).
+        control / guide_images: ControlNet-LLLite (see RenderSettings.control, ImageJob.guide_images).
     """
     job = ImageJob(prompt=request.prompt, negative_prompt=request.negative_prompt,
                    seed=resolve_seed(generator_seed, request.seed),
                    width=floor_size(request.width or default_size[0]),
                    height=floor_size(request.height or default_size[1]), steps=request.steps, scale=request.scale,
-                   sampler=request.sampler or sampler_name)
+                   sampler=request.sampler or sampler_name, guide_images=tuple(guide_images))
     settings = RenderSettings(device=torch.device(device), dtype=dtype, v_parameterization=family.v_parameterization,
-                              zero_terminal_snr=zero_terminal_snr, show_progress=show_progress)
+                              zero_terminal_snr=zero_terminal_snr, show_progress=show_progress, control=control)
     return generate_batch([job], unet=unet, vae=vae, caption_encoder=caption_encoder,
                           vae_scale_factor=family.vae_scale_factor, settings=settings)[0]

@@ -58,7 +58,9 @@ IMPLEMENTATION_STABILITY_AI = "https://github.com/Stability-AI/generative-models
 IMPLEMENTATION_DIFFUSERS = "diffusers"
 # kind -> (architecture suffix, default title prefix)
 MODELSPEC_KINDS = {"lora": ("/lora", "LoRA"), "textual-inversion": ("/textual-inversion", "TextualInversion"),
-                   "checkpoint": ("", "Checkpoint"), "diffusers": ("", "Checkpoint")}
+                   "checkpoint": ("", "Checkpoint"), "diffusers": ("", "Checkpoint"),
+                   # kohya builds LLLite's as an SDXL LoRA's (title LoRA@<time>), then names the architecture
+                   "control-net-lllite": ("/control-net-lllite", "LoRA")}
 # modelspec key -> flag, copied when given
 MODELSPEC_TEXT_FLAGS = {"author": "metadata_author", "description": "metadata_description",
                         "license": "metadata_license", "tags": "metadata_tags", "usage_hint": "metadata_usage_hint",

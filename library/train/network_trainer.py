@@ -92,6 +92,8 @@ class NetworkTrainer(ModelHooks, StepHooks):
     model/text ones in library/train/model_hooks.py, the per-batch and logging ones in step_hooks.py."""
 
     supported_families: tuple[str, ...] = SD_FAMILIES
+    # ControlNet-style datasets (conditioning_data_dir): None = only as masks with --masked_loss (the default)
+    controlnet_datasets: bool | None = None
 
     def __init__(self):
         self.vae_scale_factor = 0.18215
@@ -119,6 +121,10 @@ class NetworkTrainer(ModelHooks, StepHooks):
             grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
             offset += grad.numel()
 
+    def sample_control_for_prompt(self, prompt):
+        """(control, guide images) conditioning a sample prompt's image (ControlNet-LLLite); none here."""
+        return None, ()
+
     def sample_images(self, accelerator, args, epoch, global_step, device, vae, tokenizers, text_encoder, unet):
         if not self._run.sample_prompts:
             return
@@ -135,7 +141,8 @@ class NetworkTrainer(ModelHooks, StepHooks):
             sample_images(args, family=self.family, unet=unet, vae=vae, caption_encoder=self._models.caption_encoder,
                           prompts=self._run.sample_prompts, epoch=epoch, global_step=global_step, device=device,
                           dtype=self._run.weight_dtype, default_size=self.default_sample_size(args),
-                          process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+                          process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                          control_for_prompt=self.sample_control_for_prompt)
         finally:
             network.train()
             vae.to(vae_was)
@@ -213,8 +220,10 @@ class NetworkTrainer(ModelHooks, StepHooks):
             from accelerate.utils import set_seed
 
             set_seed(args.seed)
-        train_group = dataset_group_from_args(args, self.family, lint=accelerator.is_main_process)
-        val_group = dataset_group_from_args(args, self.family, validation=True, lint=False)
+        train_group = dataset_group_from_args(args, self.family, lint=accelerator.is_main_process,
+                                              supports_controlnet=self.controlnet_datasets)
+        val_group = dataset_group_from_args(args, self.family, validation=True, lint=False,
+                                            supports_controlnet=self.controlnet_datasets)
         if args.cache_latents or args.cache_latents_to_disk:
             train_group.check_latents_cacheable()
         if self.is_text_encoder_outputs_cached(args):

@@ -78,10 +78,12 @@ def prompts_for_process(prompts: list[SamplePrompt], process_index: int, num_pro
 
 def sample_images(args: argparse.Namespace, *, family: ModelFamily, unet, vae, caption_encoder,
                   prompts: list[SamplePrompt], epoch: int | None, global_step: int, device, dtype: torch.dtype,
-                  default_size: tuple[int, int], process_index: int = 0, num_processes: int = 1) -> list[Path]:
+                  default_size: tuple[int, int], process_index: int = 0, num_processes: int = 1,
+                  control_for_prompt=None) -> list[Path]:
     """Generate this process's share of the sample prompts into `<output_dir>/sample/` and return the paths.
 
-    `default_size` is (width, height) for prompts without --w/--h.
+    `default_size` is (width, height) for prompts without --w/--h. `control_for_prompt(prompt)` gives the
+    (control, guide images) of a prompt (ControlNet-LLLite's `--cn` image), or is None.
     """
     own_prompts = prompts_for_process(prompts, process_index, num_processes)
     if not own_prompts:
@@ -95,10 +97,12 @@ def sample_images(args: argparse.Namespace, *, family: ModelFamily, unet, vae, c
     written = []
     with preserved_rng_states():
         for prompt in tqdm(own_prompts, desc="sample images", leave=False, disable=not is_main):
+            control, guide_images = control_for_prompt(prompt) if control_for_prompt else (None, ())
             image = generate(prompt, family=family, unet=unet, vae=vae, caption_encoder=caption_encoder,
                              sampler_name=getattr(args, "sample_sampler", None) or DEFAULT_SAMPLER, device=device,
                              dtype=dtype, default_size=default_size, generator_seed=None,
-                             zero_terminal_snr=bool(getattr(args, "zero_terminal_snr", False)), show_progress=is_main)
+                             zero_terminal_snr=bool(getattr(args, "zero_terminal_snr", False)), show_progress=is_main,
+                             control=control, guide_images=guide_images)
             name = sample_file_name(getattr(args, "output_name", None), epoch=epoch, step=global_step,
                                     index=prompt.index, seed=prompt.seed)
             path = folder / name

@@ -120,7 +120,7 @@ def test_only_the_new_vectors_change(trained):
     assert max(state_sizes) == max(block.numel() for block in vectors)
 
 
-def _training_objective(trainer, noises: int = 8) -> float:
+def training_objective(trainer, timestep: int = TIMESTEP, noises: int = 8) -> float:
     """The trainer's loss on every training image at the training timestep, with fixed noises (the same ones
     for every call), as its validation computes it."""
     from library.data.order import EpochOrderSampler, epoch_data_loader
@@ -133,7 +133,7 @@ def _training_objective(trainer, noises: int = 8) -> float:
     for index, batch in enumerate(epoch_data_loader(group, EpochOrderSampler(len(group), 0, 0, 1, shuffle=False),
                                                     0, False)):
         for seed in range(noises):
-            trainer.noise_plan = NoisePlan(validation_timestep=TIMESTEP, validation_seed=100 * index + seed)
+            trainer.noise_plan = NoisePlan(validation_timestep=timestep, validation_seed=100 * index + seed)
             with torch.no_grad():
                 losses.append(float(_micro_batch_loss(trainer, run_, models, trainable, batch, is_train=False)))
     return sum(losses) / len(losses)
@@ -151,7 +151,7 @@ def test_the_loss_on_the_training_images_falls(trained):
         with torch.no_grad():
             for parameter, block in zip(vectors, blocks):
                 parameter.copy_(block)
-        losses[name] = _training_objective(trainer)
+        losses[name] = training_objective(trainer)
     assert losses["trained"] < losses["start"], losses
 
 
