@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import sdxl_train_control_net_lllite
 import sdxl_train_network
 import sdxl_train_textual_inversion
 import train_network
@@ -48,6 +49,9 @@ SCRIPTS = {
                                                                             "sdxl_train_network.txt")),
     "train_textual_inversion.py": (train_textual_inversion.setup_parser, _textual_inversion_flags()),
     "sdxl_train_textual_inversion.py": (sdxl_train_textual_inversion.setup_parser, _textual_inversion_flags(True)),
+    "sdxl_train_control_net_lllite.py": (sdxl_train_control_net_lllite.setup_parser, list(dict.fromkeys(
+        golden_flags("train_network.txt", stop_at="train_network.py: setup_parser")
+        + golden_flags("sdxl_train_network.txt", "control_net_lllite.txt")))),
 }
 
 
