@@ -229,3 +229,16 @@ def test_an_sd1_model_and_a_dreambooth_dataset_are_refused(tiny_models, tmp_path
         run(lllite_argv(tiny_models.path("sd1"), pairs_toml(tmp_path, images, conditions), tmp_path / "out"))
     with pytest.raises(AnyUserError, match="ControlNet-LLLite trains on ControlNet datasets"):
         run(lllite_argv(tiny_models.path("sdxl"), dataset_toml(tmp_path / "db"), tmp_path / "out2"))
+
+
+def test_a_resumed_run_equals_the_uninterrupted_one(tiny_models, tmp_path):
+    images, conditions = make_pairs(tmp_path)
+    toml = pairs_toml(tmp_path, images, conditions)
+    common = ["--max_train_steps", "4", "--save_every_n_steps", "2", "--save_state"]
+    _, whole = run(lllite_argv(tiny_models.path("sdxl"), toml, tmp_path / "whole", *common))
+    state = "lllite-step00000002-state"
+    shutil.copytree(tmp_path / "whole" / state, tmp_path / "resumed" / state)
+    _, final = run(lllite_argv(tiny_models.path("sdxl"), toml, tmp_path / "resumed", *common, "--resume",
+                               str(tmp_path / "resumed" / state)))
+    with safe_open(str(whole), "pt") as expected, safe_open(str(final), "pt") as got:
+        assert all(torch.equal(expected.get_tensor(key), got.get_tensor(key)) for key in expected.keys())

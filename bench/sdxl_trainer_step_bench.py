@@ -1,14 +1,16 @@
-"""SDXL textual-inversion step next to the SDXL LoRA step of the same settings (issue 15): s/step, peak memory, and
-the optimizer state, which must be O(vectors) for TI, not O(vocabulary).
+"""SDXL textual-inversion and ControlNet-LLLite steps next to the SDXL LoRA step of the same settings (issues 15,
+16): s/step, peak memory, and the optimizer state, which must be O(vectors) for TI, not O(vocabulary).
 
-    python bench/ti_step_bench.py [--model sdxl.safetensors] [--device cpu|cuda] [--resolution N] [--steps N]
+    python bench/sdxl_trainer_step_bench.py [--model sdxl.safetensors] [--device cpu|cuda] [--resolution N]
+                                            [--steps N] [--configs ti,lora,lllite]
 
-Each configuration runs the real trainer (sdxl_train_textual_inversion.py's / sdxl_train_network.py's) in a fresh
-process on the bundled tiny dataset: batch 1, AdamW lr 1e-3, cached latents, text encoders run every step (TI
-trains through them; LoRA with --network_train_unet_only and no text-encoder caching, so both do the same encoder
-work). TI: 4 vectors, init word "shape"; LoRA: rank 16, alpha 8. Without --model a tiny random SDXL is built
-(CPU smoke run); on a GPU pass the full-size model, --device cuda --resolution 1024 (bf16 mixed precision,
-gradient checkpointing with --gradient_checkpointing).
+Each configuration runs the real trainer (sdxl_train_textual_inversion.py's, sdxl_train_network.py's,
+sdxl_train_control_net_lllite.py's) in a fresh process on the bundled tiny dataset: batch 1, AdamW lr 1e-3, cached
+latents, text encoders run every step (TI trains through them; LoRA and LLLite train the U-Net side with no
+text-encoder caching, so all do the same encoder work). TI: 4 vectors, init word "shape"; LoRA: rank 16, alpha 8;
+LLLite: cond_emb_dim 32, network_dim 64 (kohya's Canny sample), the images' inverted colours as conditioning
+images. Without --model a tiny random SDXL is built (CPU smoke run); on a GPU pass the full-size model, --device
+cuda --resolution 1024 (bf16 mixed precision, gradient checkpointing with --gradient_checkpointing).
 
 s/step: median over the steps after the first (--steps, default 8). Peak: VmHWM of the process on CPU,
 torch.cuda.max_memory_allocated on CUDA. Prints a table and a `results {json}` line.
@@ -31,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 DATASET = ROOT / "examples" / "tiny_dataset" / "images"
 TOKEN = "tkshape"  # the bundled captions name it
-CONFIGS = ("ti", "lora")
+CONFIGS = ("ti", "lora", "lllite")
 
 
 def peak_rss_bytes() -> int:
@@ -50,8 +52,29 @@ def _argv(config: str, options: argparse.Namespace, toml: Path, out: Path) -> li
         common.append("--gradient_checkpointing")
     if config == "ti":
         return [*common, "--token_string", TOKEN, "--num_vectors_per_token", "4", "--init_word", "shape"]
+    if config == "lllite":
+        return [*common, "--cond_emb_dim", "32", "--network_dim", "64", "--output_name", "lllite"]
     return [*common, "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "8",
             "--network_train_unet_only", "--output_name", "lora"]
+
+
+def _write_dataset(work: Path, resolution: int, with_conditioning: bool) -> Path:
+    """The bundled tiny dataset as one subset; for LLLite with conditioning images (inverted colours)."""
+    import numpy as np
+    from PIL import Image
+
+    lines = ["[general]", "caption_extension = '.txt'", "[[datasets]]", f"resolution = {resolution}",
+             "batch_size = 1", "[[datasets.subsets]]", f"image_dir = '{DATASET.as_posix()}'"]
+    if with_conditioning:
+        conditions = work / "conditioning"
+        conditions.mkdir()
+        for path in sorted(DATASET.glob("*.png")):
+            with Image.open(path) as image:
+                Image.fromarray(255 - np.asarray(image.convert("RGB"))).save(conditions / path.name)
+        lines.append(f"conditioning_data_dir = '{conditions.as_posix()}'")
+    toml = work / "dataset.toml"
+    toml.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return toml
 
 
 def run_child(config: str, options: argparse.Namespace) -> dict:
@@ -65,6 +88,10 @@ def run_child(config: str, options: argparse.Namespace) -> dict:
         import train_textual_inversion
 
         base = train_textual_inversion.trainer_class(sdxl=True)
+    elif config == "lllite":
+        import sdxl_train_control_net_lllite as script
+
+        base = script.trainer_class()
     else:
         import sdxl_train_network as script
 
@@ -79,10 +106,8 @@ def run_child(config: str, options: argparse.Namespace) -> dict:
                 stamps.append(time.perf_counter())
             super().on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train)
 
-    work = Path(tempfile.mkdtemp(prefix=f"ti-bench-{config}-"))
-    toml = work / "dataset.toml"
-    toml.write_text(f"[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = {options.resolution}\n"
-                    f"batch_size = 1\n[[datasets.subsets]]\nimage_dir = '{DATASET.as_posix()}'\n", encoding="utf-8")
+    work = Path(tempfile.mkdtemp(prefix=f"trainer-bench-{config}-"))
+    toml = _write_dataset(work, options.resolution, with_conditioning=config == "lllite")
     args = parse_args_with_config(script.setup_parser(), _argv(config, options, toml, work / "out"))
     trainer = Timed()
     trainer.train(args)
@@ -126,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tiny = options.model is None
     if tiny:
-        options.model = build_tiny_model(Path(tempfile.mkdtemp(prefix="ti-bench-model-")))
+        options.model = build_tiny_model(Path(tempfile.mkdtemp(prefix="trainer-bench-model-")))
     results = {"device": options.device, "resolution": options.resolution, "tiny": tiny, "configs": {}}
     for config in options.configs.split(","):
         command = [sys.executable, __file__, "--child", config, "--model", options.model, "--device", options.device,
