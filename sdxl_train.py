@@ -26,8 +26,9 @@ import fine_tune
 def setup_parser() -> argparse.ArgumentParser:
     parser = fine_tune.setup_parser(sdxl=True)
     parser.description = __doc__
-    parser.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                        help="no effect here (warned at start): tensors are always read one at a time")
+    from library.options.model import add_sdxl_arguments
+
+    add_sdxl_arguments(parser)
     return parser
 
 

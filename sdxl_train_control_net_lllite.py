@@ -36,10 +36,8 @@ def setup_parser() -> argparse.ArgumentParser:
                 training.add_output_arguments, optimizer.add_optimizer_arguments,
                 noise_loss.add_noise_and_loss_arguments, sampling.add_sampling_arguments,
                 metadata.add_metadata_arguments, training.add_logging_arguments, lllite.add_lllite_arguments,
-                add_config_file_arguments):
+                model.add_sdxl_arguments, add_config_file_arguments):
         add(parser)
-    parser.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                        help="no effect here (warned at start): tensors are always read one at a time")
     return parser
 
 

@@ -78,8 +78,9 @@ def __getattr__(name: str):
 
 def setup_parser() -> argparse.ArgumentParser:
     parser = train_network.setup_parser()
-    parser.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                        help="no effect here (warned at start): tensors are always read one at a time")
+    from library.options.model import add_sdxl_arguments
+
+    add_sdxl_arguments(parser)
     return parser
 
 

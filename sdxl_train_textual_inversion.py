@@ -25,8 +25,9 @@ import train_textual_inversion
 def setup_parser() -> argparse.ArgumentParser:
     parser = train_textual_inversion.setup_parser()
     parser.description = __doc__
-    parser.add_argument("--disable_mmap_load_safetensors", action="store_true",
-                        help="no effect here (warned at start): tensors are always read one at a time")
+    from library.options.model import add_sdxl_arguments
+
+    add_sdxl_arguments(parser)
     return parser
 
 

@@ -28,3 +28,9 @@ def add_text_encoding_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer_cache_dir", type=str, default=None,
                        help="folder to save tokenizers to and load them from (they are built offline from the "
                             "bundled CLIP vocabulary when missing)")
+
+
+def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
+    """kohya's SDXL-only loading flag of every SDXL training script (sdxl_train_util.add_sdxl_training_arguments)."""
+    parser.add_argument("--disable_mmap_load_safetensors", action="store_true",
+                        help="no effect here (warned at start): tensors are always read one at a time")

@@ -15,14 +15,6 @@ from library.train.full_model import FullModel, TrainPlan
 
 logger = logging.getLogger(__name__)
 
-# the network-training flags the shared phases read, at the values that mean "no network options"
-_NETWORK_DEFAULTS = {
-    "network_module": "full model", "network_dim": None, "network_alpha": None, "network_dropout": None,
-    "network_args": None, "network_weights": None, "dim_from_weights": False, "unet_lr": None,
-    "text_encoder_lr": None, "base_weights": None, "base_weights_multiplier": None, "scale_weight_norms": None,
-    "loraplus_lr_ratio": None, "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": None,
-    "network_multiplier": 1.0, "no_metadata": False,
-}
 SOURCE_FORMATS = {".safetensors": "safetensors", ".ckpt": "ckpt"}
 
 
@@ -38,9 +30,9 @@ class FineTuning:
     # ------------------------------------------------------------------------------------------ flags
 
     def prepare_run(self, args: argparse.Namespace):
-        for key, value in _NETWORK_DEFAULTS.items():
-            if not hasattr(args, key):
-                setattr(args, key, value)
+        from library.train.run_setup import fill_network_flags
+
+        fill_network_flags(args, "full model")
         args.log_tracker_name = args.log_tracker_name or self.tracker_name
         plan = self.train_plan(args)
         args.network_train_text_encoder_only = not plan.trains_unet

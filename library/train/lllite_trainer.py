@@ -15,13 +15,6 @@ from library.errors import FlagError, UserInputError
 
 logger = logging.getLogger(__name__)
 
-_NETWORK_DEFAULTS = {
-    "network_module": "networks.control_net_lllite", "network_alpha": None, "network_args": None,
-    "dim_from_weights": False, "unet_lr": None, "text_encoder_lr": None, "base_weights": None,
-    "base_weights_multiplier": None, "scale_weight_norms": None, "loraplus_lr_ratio": None,
-    "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": None, "network_multiplier": 1.0,
-    "no_metadata": False, "network_train_unet_only": True, "network_train_text_encoder_only": False,
-}
 MISMATCHES_SHOWN = 3
 
 
@@ -35,11 +28,11 @@ class LLLiteTraining:
     # ------------------------------------------------------------------------------------------ flags
 
     def prepare_run(self, args: argparse.Namespace):
+        from library.train.run_setup import fill_network_flags
         from networks.control_net_lllite import check_dims
 
-        for key, value in _NETWORK_DEFAULTS.items():
-            if key.startswith("network_train_") or not hasattr(args, key):
-                setattr(args, key, value)
+        fill_network_flags(args, "networks.control_net_lllite", network_train_unet_only=True,
+                           network_train_text_encoder_only=False)
         args.log_tracker_name = args.log_tracker_name or self.tracker_name
         check_dims(args.cond_emb_dim, args.network_dim)
         if getattr(args, "masked_loss", False):

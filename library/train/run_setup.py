@@ -18,6 +18,28 @@ from library.errors import FlagError
 logger = logging.getLogger(__name__)
 
 
+# the network-training flags the shared phases read, at the values that mean "no network options": scripts that
+# train something else (the whole model, embeddings, LLLite) have no such flags
+NO_NETWORK_FLAGS = {
+    "network_dim": None, "network_alpha": None, "network_dropout": None, "network_args": None,
+    "network_weights": None, "dim_from_weights": False, "unet_lr": None, "text_encoder_lr": None,
+    "base_weights": None, "base_weights_multiplier": None, "scale_weight_norms": None, "loraplus_lr_ratio": None,
+    "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": None, "network_multiplier": 1.0,
+    "no_metadata": False,
+}
+
+
+def fill_network_flags(args: argparse.Namespace, network_module: str, **fixed) -> None:
+    """Give `args` the network flags its script does not declare (NO_NETWORK_FLAGS), `network_module` as the
+    name of what trains, and `fixed` values that override whatever was parsed."""
+    for key, value in NO_NETWORK_FLAGS.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    args.network_module = network_module
+    for key, value in fixed.items():
+        setattr(args, key, value)
+
+
 def check_network_flags(args: argparse.Namespace, text_encoder_count: int) -> None:
     """Flag combinations of network training that cannot work (COMPAT §16; issue: fail before models load)."""
     if args.network_train_unet_only and args.network_train_text_encoder_only:

@@ -23,17 +23,6 @@ from library.train.token_vectors import TokenVectors
 
 logger = logging.getLogger(__name__)
 
-# the network-training flags the shared phases read, at the values that mean "no network options"
-_NETWORK_DEFAULTS = {
-    "network_module": "textual inversion", "network_dim": None, "network_alpha": None, "network_dropout": None,
-    "network_args": None, "network_weights": None, "dim_from_weights": False, "unet_lr": None,
-    "text_encoder_lr": None, "base_weights": None, "base_weights_multiplier": None, "scale_weight_norms": None,
-    "loraplus_lr_ratio": None, "loraplus_unet_lr_ratio": None, "loraplus_text_encoder_lr_ratio": None,
-    "network_multiplier": 1.0, "no_metadata": False, "network_train_unet_only": False,
-    "network_train_text_encoder_only": True,
-}
-
-
 class TextualInversion:
     """Mixin over NetworkTrainer / SdxlNetworkTrainer (kohya's TextualInversionTrainer hooks as overrides)."""
 
@@ -43,9 +32,10 @@ class TextualInversion:
     # ------------------------------------------------------------------------------------------ flags
 
     def prepare_run(self, args: argparse.Namespace):
-        for key, value in _NETWORK_DEFAULTS.items():
-            if key.startswith("network_train_") or not hasattr(args, key):
-                setattr(args, key, value)
+        from library.train.run_setup import fill_network_flags
+
+        fill_network_flags(args, "textual inversion", network_train_unet_only=False,
+                           network_train_text_encoder_only=True)
         args.log_tracker_name = args.log_tracker_name or self.tracker_name
         self._check_ti_flags(args)
         self._num_vectors = args.num_vectors_per_token
