@@ -5,8 +5,8 @@ Each module wraps one Linear layer of the U-Net's transformer blocks (input bloc
 q/k/v and cross-attention q) and changes the layer's *input*:
 `x' = x + up(mid(cat(cond_emb, down(x)))) * multiplier`, then the layer runs on `x'`. `cond_emb` is the
 conditioning image (RGB in -1..1) embedded by a small conv stack down to that block's resolution (÷8, ÷16 or ÷32
-by depth), flattened to `[B, h·w, cond_emb_dim]`; it is computed once per `set_cond_image` (per training step, per
-generated image) and repeated for classifier-free guidance's doubled batch.
+by depth), flattened to `[B, h·w, cond_emb_dim]`; it is computed in `set_cond_image` (once per training step and
+per generated image, outside the U-Net's forward) and repeated for classifier-free guidance's doubled batch.
 
 Keys: `lllite_unet_<SGM path with _>.{conditioning1.0,conditioning1.2[,conditioning1.4],down.0,mid.0,up.0}.
 {weight,bias}`, e.g. `lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight` — kohya's names,
@@ -83,20 +83,21 @@ class LLLiteModule(ForwardPatch):
         self.enabled = True
 
     def set_cond_image(self, cond_image: torch.Tensor | None) -> None:
-        self.cond_image, self._cond_emb = cond_image, None
-
-    def _embedding(self, dtype: torch.dtype) -> torch.Tensor:
-        if self._cond_emb is None:
-            weight = self.conditioning1[0].weight
-            embedded = self.conditioning1(self.cond_image.to(weight.device, dtype=weight.dtype))
-            batch, channels = embedded.shape[:2]
-            self._cond_emb = embedded.reshape(batch, channels, -1).transpose(1, 2)  # [B, h*w, c]
-        return self._cond_emb.to(dtype)
+        """Embed the conditioning image now, outside the U-Net's forward: once per image, and never inside a
+        gradient-checkpointed block (whose recomputation must save the same tensors as its first run)."""
+        self.cond_image = cond_image
+        if cond_image is None:
+            self._cond_emb = None
+            return
+        weight = self.conditioning1[0].weight
+        embedded = self.conditioning1(cond_image.to(weight.device, dtype=weight.dtype))
+        batch, channels = embedded.shape[:2]
+        self._cond_emb = embedded.reshape(batch, channels, -1).transpose(1, 2)  # [B, h*w, c]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.cond_image is None or not self.enabled or self.multiplier == 0.0:
+        if self._cond_emb is None or not self.enabled or self.multiplier == 0.0:
             return self.original_forward(x, *args, **kwargs)
-        cond = self._embedding(x.dtype)
+        cond = self._cond_emb.to(x.dtype)
         if cond.shape[1] != x.shape[1]:
             raise ValueError(f"{self.lllite_name}: the conditioning image gives {cond.shape[1]} positions for "
                              f"{x.shape[1]} tokens; it must have the size of the generated/trained image")

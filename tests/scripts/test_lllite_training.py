@@ -242,3 +242,16 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tiny_models, tmp_path):
                                str(tmp_path / "resumed" / state)))
     with safe_open(str(whole), "pt") as expected, safe_open(str(final), "pt") as got:
         assert all(torch.equal(expected.get_tensor(key), got.get_tensor(key)) for key in expected.keys())
+
+
+def test_gradient_checkpointing_with_full_bf16_trains(tiny_models, tmp_path):
+    """The conditioning embedding is computed before the U-Net runs, so checkpointed blocks recompute the same
+    graph (computing it inside the first block fails torch's checkpoint check)."""
+    images, conditions = make_pairs(tmp_path)
+    trainer, _ = run(lllite_argv(tiny_models.path("sdxl"), pairs_toml(tmp_path, images, conditions),
+                                 tmp_path / "out", "--gradient_checkpointing", "--mixed_precision", "bf16",
+                                 "--full_bf16"))
+    network = trainer._trainable.network
+    assert {parameter.dtype for parameter in network.parameters()} == {torch.bfloat16}
+    changed = network.state_dict()
+    assert any(not torch.equal(value.float(), changed[key].float()) for key, value in trainer.initial.items())
