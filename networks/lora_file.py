@@ -103,6 +103,9 @@ def _not_a_lora_reason(keys: list[str]) -> str:
         return "is a model checkpoint, not a LoRA; pass it as the model (e.g. --sd_model / --model_org)"
     if kind == "embedding":
         return "is a textual-inversion embedding, not a LoRA"
+    if keys and all(key.startswith("lllite_unet_") for key in keys):
+        return ("is a ControlNet-LLLite file, not a LoRA; generators take it as --control_net_lllite_models, "
+                "sdxl_train_control_net_lllite.py as --network_weights")
     if any(".hada_w1_a" in key or ".lokr_w1" in key or ".oft_" in key for key in keys):
         return ("is a LyCORIS LoHa/LoKr/OFT file; these tools handle LoRA/LoCon (lora_down/lora_up) files only")
     return f"has no lora_down/lora_up tensors (first keys: {', '.join(keys[:3]) or 'none'}); expected a kohya LoRA"

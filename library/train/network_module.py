@@ -282,6 +282,9 @@ def check_network_weights_family(path: str | os.PathLike, family_name: str, flag
     try:
         keys = tensor_file.keys()
         kind = file_kind(keys)
+        if keys and all(key.startswith("lllite_unet_") for key in keys):
+            raise FlagError(f"{flag} {path}: is a ControlNet-LLLite file, not a LoRA; the generators take it as "
+                            "--control_net_lllite_models, sdxl_train_control_net_lllite.py as --network_weights")
         if kind in ("checkpoint", "embedding", "vae", "bare-unet"):
             what = {"checkpoint": "a full model checkpoint", "embedding": "a textual-inversion embedding",
                     "vae": "a VAE", "bare-unet": "a U-Net state dict"}[kind]

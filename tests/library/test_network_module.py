@@ -429,6 +429,21 @@ def test_lora_for_another_family_is_refused_naming_flag_and_file(tiny_models, tm
     assert network_module.check_network_weights_family(sd1_file, "sd1") is None  # SD1 or SD2: tiny widths tell none
 
 
+def test_an_lllite_file_as_network_weights_is_named_before_models_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from networks.lora_file import read_lora
+
+    path = tmp_path / "canny_lllite.safetensors"
+    save_file({"lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight": torch.zeros(2, 2)},
+              str(path))
+    with pytest.raises(FlagError, match="is a ControlNet-LLLite file, not a LoRA; the generators take it as "
+                                        "--control_net_lllite_models"):
+        network_module.check_network_weights_family(path, "sdxl")
+    with pytest.raises(Exception, match="is a ControlNet-LLLite file, not a LoRA"):
+        read_lora(path)
+
+
 def unet_only_file(path, unet_name, context_width):
     """A U-Net-only LoRA with one cross-attention key projection of a real model's text width."""
     save_file({f"{unet_name}.lora_down.weight": torch.zeros(1, context_width),
