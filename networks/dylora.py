@@ -53,6 +53,7 @@ class DyLoRAModule(LoRAModule):
             raise ValueError(f"{lora_name}: rank {lora_dim} is not a multiple of unit {unit}")  # checked earlier
         super().__init__(lora_name, original_module, multiplier, lora_dim, alpha)
         self.unit = unit
+        self._fused = False  # its own forward over rank units (not networks/lora_ops.py)
         down_layer, up_layer = self.lora_down, self.lora_up  # initialised as in LoRA (Kaiming / zeros)
         del self.lora_down, self.lora_up
         self.conv_options = ({"stride": down_layer.stride, "padding": down_layer.padding}

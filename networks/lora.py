@@ -10,6 +10,7 @@ import hashlib
 import logging
 import math
 import os
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from library.errors import FlagError, ModelFormatError
 from library.models.state_dict_io import SAFETENSORS_SUFFIXES, atomic_output, read_state_dict, write_state_dict
 from networks import naming
 from networks.naming import LoRATarget, NamingScheme, RankPlan
+from networks.lora_ops import lora_linear
 from networks.patching import ForwardPatch
 
 logger = logging.getLogger(__name__)
@@ -51,11 +53,26 @@ class LoRAModule(ForwardPatch):
         torch.nn.init.zeros_(self.lora_up.weight)
         self.multiplier = multiplier
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        # Linear layers take the fused update (networks/lora_ops.py); convolutions the plain layers
+        self._fused = isinstance(self.lora_down, torch.nn.Linear)
+        self.compute_dtype: torch.dtype | None = None  # the dtype of the last fused forward
+        # (down, up, their versions) in compute_dtype, cast for all modules at once by LoRANetwork.on_step_start
+        self.compute_copies: tuple | None = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         original_output = self.original_forward(x, *args, **kwargs)
-        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
+        # Python's generator (seeded and saved with the run's states like torch's): no host sync on a GPU
+        if self.training and self.module_dropout and random.random() < self.module_dropout:
             return original_output
+        if self._fused and not (self.training and (self.dropout or self.rank_dropout)):
+            down, up = self.lora_down.weight, self.lora_up.weight
+            self.compute_dtype = original_output.dtype
+            copies = self.compute_copies
+            if copies is not None and (copies[0].dtype != original_output.dtype
+                                       or copies[2] != (down._version, up._version)):
+                copies = None  # stale: the weights changed since LoRANetwork.on_step_start cast them
+            return lora_linear(x, original_output, down, up, self.multiplier * self.scale,
+                               *(copies[:2] if copies is not None else ()))
         hidden = self.lora_down(x)
         scale = self.scale
         if self.training and self.dropout:
@@ -333,6 +350,26 @@ class LoRANetwork(torch.nn.Module):
     def _drop(self, loras: list[LoRAModule]) -> None:
         for lora in loras:
             delattr(self, lora.lora_name)
+
+    def on_step_start(self, text_encoder: Any = None, unet: Any = None) -> None:
+        """kohya's per-step hook: cast every fused module's weights to its compute dtype in one foreach copy, so
+        the modules' forwards cast nothing (fewer operations per step)."""
+        modules = [lora for lora in self.text_encoder_loras + self.unet_loras
+                   if lora._fused and lora.compute_dtype not in (None, lora.lora_down.weight.dtype)]
+        if not modules:
+            return
+        sources, targets = [], []
+        for lora in modules:
+            down, up = lora.lora_down.weight, lora.lora_up.weight
+            copies = lora.compute_copies
+            if copies is None or copies[0].dtype != lora.compute_dtype or copies[0].device != down.device:
+                copies = (torch.empty_like(down, dtype=lora.compute_dtype),
+                          torch.empty_like(up, dtype=lora.compute_dtype), None)
+            sources += [down.detach(), up.detach()]
+            targets += [copies[0], copies[1]]
+            lora.compute_copies = (copies[0], copies[1], (down._version, up._version))
+        with torch.no_grad():
+            torch._foreach_copy_(targets, sources)
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = multiplier
