@@ -66,8 +66,10 @@ class LoRAModule(ForwardPatch):
             return original_output
         if self._fused and not (self.training and (self.dropout or self.rank_dropout)):
             down, up = self.lora_down.weight, self.lora_up.weight
-            self.compute_dtype = original_output.dtype
-            copies = self.compute_copies
+            if not torch.compiler.is_compiling():
+                self.compute_dtype = original_output.dtype
+            # compiled: the graph casts (and fuses the casts) itself; tensor versions cannot be traced
+            copies = None if torch.compiler.is_compiling() else self.compute_copies
             if copies is not None and (copies[0].dtype != original_output.dtype
                                        or copies[2] != (down._version, up._version)):
                 copies = None  # stale: the weights changed since LoRANetwork.on_step_start cast them
